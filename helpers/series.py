@@ -287,7 +287,12 @@ def export_html(executed: str | Path, html: str | Path | None = None) -> Path:
 
     executed = Path(executed)
     html = Path(html) if html is not None else executed.with_suffix(".html")
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    nb = nbformat.read(executed, as_version=4)
+    # Live widgets in HTML need JavaScript from a CDN, which offline copies cannot load
+    # (the widget area stays blank). Without the saved widget state nbconvert shows
+    # each widget output's static fallback instead (helpers.viewer adds an image/png).
+    nb.metadata.pop("widgets", None)
+    body, _ = HTMLExporter().from_notebook_node(nb)
     return write_text(html, body)
 
 
