@@ -232,20 +232,26 @@ def _poly_basis(coords: np.ndarray, degree: int) -> np.ndarray:
 
 
 def estimate_bias_field(data: np.ndarray, mask: np.ndarray | None = None, degree: int = 3,
-                        classes: int = 3, iterations: int = 4, max_samples: int = 200_000,
-                        seed: int = 0) -> np.ndarray:
+                        classes: int = 4, iterations: int = 4, max_samples: int = 200_000,
+                        edge_percentile: float = 60.0, seed: int = 0) -> np.ndarray:
     """Estimate a smooth multiplicative bias field (mean 1 inside ``mask``).
 
     Model: ``log(image) = log(tissue) + log(field)``, where ``tissue`` takes one
     of ``classes`` values and ``log(field)`` is a polynomial of ``degree`` in
     x, y, z. Alternately: classify voxels by their corrected intensity
     (k-means), then fit the polynomial to what the classes do not explain.
+    Voxels on tissue edges (the top ``100 - edge_percentile`` % of the log-image
+    gradient) are left out: they mix two tissues and would bias the fit.
     """
     data = np.asarray(data, dtype=np.float32)
     if mask is None:
         mask = foreground_mask(data)
     mask = mask & (data > 0)
-    idx = np.argwhere(mask)
+    # voxels on tissue boundaries mix two tissues (partial volume): leave them out of the fit
+    logimg = np.log(np.where(mask, data, 1.0))
+    grad = ndimage.gaussian_gradient_magnitude(logimg, 1.0)
+    flat = mask & (grad <= np.percentile(grad[mask], edge_percentile))
+    idx = np.argwhere(flat if flat.sum() >= 50 else mask)
     if len(idx) < 50:
         raise ValueError("estimate_bias_field: fewer than 50 voxels inside the mask")
     rng = np.random.default_rng(seed)
