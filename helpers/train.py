@@ -786,3 +786,84 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the model's weights on the CPU (plain contiguous tensors)."""
     return {k: v.detach().to(CPU).contiguous().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def default_run_name(task: str, model: str, dims: int, labels: str | None = None) -> str:
+    """A run folder name such as ``classify_binary_cnn_3d`` or ``segment_unet_3d``."""
+    parts = [task] + ([labels] if task == "classify" and labels else []) + [model, f"{dims}d"]
+    return "_".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m helpers.train --data SOURCE --task classify|segment [--model NAME] --profile P --out DIR``."""
+    import argparse
+
+    from helpers.models import MODEL_NAMES, build_model, default_model_name
+    from helpers.paths import runs_dir
+    from helpers.runtime import get_profile
+
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.train",
+        description="Train a model on a dataset and write a run folder (checkpoint, history, config, "
+                    "metrics). Runs under torchrun --nproc_per_node=N too.")
+    parser.add_argument("--data", required=True, help="a dataset folder or CSV manifest (anything load_dataset reads)")
+    parser.add_argument("--task", default="classify", choices=("classify", "segment"))
+    parser.add_argument("--model", default=None, choices=MODEL_NAMES,
+                        help="default: cnn for classification, unet for segmentation")
+    parser.add_argument("--profile", default="auto", help="smoke, workshop, full or auto")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<task>_<labels>_<model>_<dims>d)")
+    parser.add_argument("--input", default=None, choices=("volume", "slices", "image"),
+                        help="volume (3D), slices (2D axial slices of volumes) or image (2D files); "
+                             "default: image for 2D data, volume otherwise")
+    parser.add_argument("--labels", default="binary", choices=("binary", "diagnosis"),
+                        help="binary: healthy versus lesion; diagnosis: every class of the dataset")
+    parser.add_argument("--depth", type=int, default=None, help="model depth (layers or stages)")
+    parser.add_argument("--width", type=int, default=None, help="model width (units or first-stage channels)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="per process under torchrun")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap on training")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-augment", action="store_true", help="do not mirror scans left-right")
+    parser.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
+    parser.add_argument("--no-cache", action="store_true", help="do not keep preprocessed cases in data/cache/")
+    args = parser.parse_args(argv)
+
+    from helpers.training_data import flip_left_right, prepare
+
+    ctx = distributed.context()
+    profile = get_profile(args.profile, seed=args.seed)
+    try:
+        prep = prepare(args.data, task=args.task, profile=profile, input=args.input, labels=args.labels,
+                       cache=not args.no_cache, verbose=ctx.is_main)
+        name = args.model or default_model_name(args.task, prep.dims)
+        model = build_model(name, prep.in_channels, prep.num_classes, dims=prep.dims,
+                            depth=args.depth, width=args.width)
+    except (DataError, ValueError) as exc:
+        print(f"Problem: {exc}", file=sys.stderr)
+        return 1
+    config = TrainConfig.from_profile(profile, task=args.task, dims=prep.dims, epochs=args.epochs,
+                                      batch_size=args.batch_size, lr=args.lr,
+                                      max_train_seconds=args.max_seconds)
+    labels = args.labels if args.task == "classify" else None
+    out = Path(args.out) if args.out else runs_dir() / default_run_name(args.task, name, prep.dims, labels)
+    result = fit(model, prep.train, prep.val, config, out, test=prep.test,
+                 augment=None if args.no_augment else flip_left_right, classes=prep.classes,
+                 preprocess=prep.preprocess, data_info=prep.info, resume=not args.no_resume, live_plot=False)
+    if ctx.is_main:
+        m = result.metrics
+        print(f"Stopped: {result.stopped} after {len(result.history)} epoch(s), {result.train_seconds:.1f} s; "
+              f"best epoch {result.best_epoch} ({result.monitor} {result.best_score:.3f})")
+        for split in ("validation", "test"):
+            if split in m:
+                print(f"{split}: " + ", ".join(f"{k} {v:.3f}" for k, v in m[split].items()))
+        print(f"Run folder: {out}")
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""From a dataset on disk to the tensors the training engine needs, for each task.
+
+:func:`prepare` reads any source ``helpers.datasets.load_dataset`` accepts (the
+simulated BIDS cohort, BIDS, Decathlon, BraTS, a CSV manifest, folders of PNG/JPG
+images), preprocesses every case with one :class:`helpers.preprocess.PreprocessConfig`
+and returns a :class:`Prepared`: ``train``, ``val`` and ``test``
+:class:`helpers.train.TensorData`, the class names and the preprocessing record
+that the checkpoint keeps.
+
+Inputs (``input=``):
+
+- ``"volume"``: one 3D volume per case, resized to ``volume_size`` per axis.
+- ``"slices"``: 2D axial slices of each volume (``slice_size`` pixels square,
+  ``n_slices`` per case spread over the head). A slice's label comes from the
+  lesion mask where there is one: "lesion" if the slice shows at least
+  ``min_lesion_pixels`` lesion pixels, else "healthy" (for the multi-class task:
+  the subject's diagnosis if the slice shows its lesion, else "healthy"). Without
+  masks every slice carries its subject's label.
+- ``"image"``: 2D image collections (PNG/JPG folders), resized to ``slice_size``.
+
+Labels (``labels=``, classification): ``"diagnosis"`` keeps every class of the
+dataset; ``"binary"`` merges them into healthy versus lesion (the healthy class is
+found by name: healthy, normal, no_tumor...). Segmentation targets are the lesion
+masks, any lesion label versus background.
+
+Example:
+    >>> prep = prepare("data/simulated/n24_2mm_seed42", task="classify", profile="smoke")  # doctest: +SKIP
+    >>> prep.train.x.shape, prep.classes                                                     # doctest: +SKIP
+    (torch.Size([16, 3, 32, 32, 32]), ['healthy', 'lesion'])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from helpers.datasets import CaseTable, load_dataset
+from helpers.preprocess import PreprocessConfig, load_case
+from helpers.runtime import Profile, get_profile
+from helpers.train import TensorData
+
+HEALTHY_NAMES = ("healthy", "normal", "control", "no_tumor", "notumor", "no_tumour", "no tumor", "no")
+"""Class names taken to mean "no lesion" when labels are merged into healthy versus lesion."""
+INPUTS = ("volume", "slices", "image")
+LABEL_MODES = ("diagnosis", "binary")
+
+
+@dataclass
+class Prepared:
+    """Everything a training run needs from the data.
+
+    Attributes:
+        train, val, test: the three splits as tensors (CPU).
+        classes: class names in label order (``["background", "lesion"]`` for segmentation).
+        task: ``classify`` or ``segment``.
+        input: ``volume``, ``slices`` or ``image``.
+        dims: 2 or 3 (what the model sees).
+        modalities: channel names.
+        preprocess: the record saved with the checkpoint (pipeline config and how
+            inputs were made) so deployment re-applies exactly the same steps.
+        info: the source, its kind and the split sizes, for people and config.json.
+        subjects: per split, the subject of each sample (slices: one per slice).
+        brains: per split, the brain (or head) masks of volumes, for features.
+    """
+
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    classes: list[str]
+    task: str
+    input: str
+    dims: int
+    modalities: list[str]
+    preprocess: dict[str, Any]
+    info: dict[str, Any]
+    subjects: dict[str, list[str]] = field(default_factory=dict)
+    brains: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def summary(self) -> str:
+        """One line per split: samples and samples per class."""
+        lines = []
+        for name in ("train", "val", "test"):
+            data = getattr(self, name)
+            if self.task == "classify":
+                counts = torch.bincount(data.y, minlength=self.num_classes).tolist()
+                per = ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts, strict=True))
+            else:
+                per = f"{int((data.y.reshape(len(data), -1) > 0).any(1).sum())} with a lesion"
+            lines.append(f"{name}: {len(data)} samples ({per}), tensor {tuple(data.x.shape)}")
+        return "\n".join(lines)
+
+
+def healthy_class(classes: Sequence[str]) -> str:
+    """The class name meaning "no lesion" (raises ValueError naming the classes if none)."""
+    for c in classes:
+        if c.strip().lower().replace("-", "_") in HEALTHY_NAMES:
+            return c
+    raise ValueError(
+        f"Cannot merge classes {list(classes)} into healthy versus lesion: none is named like "
+        f"{', '.join(HEALTHY_NAMES[:5])}. Use labels='diagnosis'."
+    )
+
+
+def preprocess_config(profile: Profile, input: str = "volume", n_slices: int = 16) -> PreprocessConfig:
+    """The pipeline for a profile: RAS, the profile's spacing, crop to the head, z-score, fixed shape.
+
+    Volumes are resized (stretched) to ``volume_size`` per axis; slices to
+    ``slice_size`` in-plane with ``n_slices`` axial positions.
+    """
+    if input == "volume":
+        shape = (profile.volume_size,) * 3
+    else:
+        shape = (profile.slice_size, profile.slice_size, n_slices)
+    return PreprocessConfig(orientation="RAS", spacing=profile.spacing_mm, crop=True, normalise="zscore",
+                            shape=shape, shape_mode="resize")
+
+
+def _case_arrays(table: CaseTable, rows, config: PreprocessConfig, cache_dir: Path | None):
+    """Preprocess the rows (or read them from the cache): images, masks, brains."""
+    images, masks, brains = [], [], []
+    for _, row in rows.iterrows():
+        cached = None
+        if cache_dir is not None:
+            key = f"{row['case']}".replace(os.sep, "_")
+            cached = cache_dir / f"{key}.pt"
+            if cached.exists():
+                try:
+                    item = torch.load(cached, weights_only=True)
+                    images.append(item["image"])
+                    masks.append(item["mask"])
+                    brains.append(item["brain"])
+                    continue
+                except Exception:  # corrupt entry: rebuild it
+                    cached.unlink(missing_ok=True)
+        out = load_case(table, row, config)
+        image = torch.from_numpy(out.image)
+        mask = torch.from_numpy(np.asarray(out.mask, dtype=np.int16)) if out.mask is not None else None
+        brain = torch.from_numpy(out.brain) if out.brain is not None else None
+        if cached is not None:
+            from helpers.io import atomic_path
+
+            with atomic_path(cached) as tmp:
+                torch.save({"image": image, "mask": mask, "brain": brain}, tmp)
+        images.append(image)
+        masks.append(mask)
+        brains.append(brain)
+    return images, masks, brains
+
+
+def _class_index(table: CaseTable, labels: str) -> tuple[list[str], dict[str, int]]:
+    classes = list(table.classes)
+    if not classes:
+        raise ValueError(f"{table.source}: the dataset has no class labels; use task='segment' or a labelled source")
+    if labels == "binary":
+        healthy = healthy_class(classes)
+        return ["healthy", "lesion"], {c: (0 if c == healthy else 1) for c in classes}
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
+def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profile: str | Profile = "auto",
+            input: str | None = None, labels: str = "binary", n_slices: int = 16,
+            min_lesion_pixels: int = 5, cache: bool = True, seed: int | None = None,
+            verbose: bool = True) -> Prepared:
+    """Load, preprocess and tensorise a dataset for one task.
+
+    Args:
+        source: anything :func:`helpers.datasets.load_dataset` accepts, or a CaseTable.
+        task: ``classify`` or ``segment``.
+        profile: run profile (sizes) or its name.
+        input: ``volume``, ``slices`` or ``image`` (None: ``image`` for 2D data, else ``volume``).
+        labels: ``binary`` (healthy versus lesion) or ``diagnosis`` (all classes).
+        n_slices: axial positions per volume for ``slices``.
+        min_lesion_pixels: lesion pixels a slice needs to count as showing the lesion.
+        cache: keep preprocessed cases under ``data/cache/`` (keyed by the source and
+            the pipeline settings) so the next run reads them in a moment.
+        seed: split seed (None: the profile's).
+        verbose: print what was prepared.
+    """
+    profile = get_profile(profile)
+    if task not in ("classify", "segment"):
+        raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    table = source if isinstance(source, CaseTable) else load_dataset(source, seed=profile.seed if seed is None else seed)
+    input = input or ("image" if table.dims == 2 else "volume")
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+    if (input == "image") != (table.dims == 2):
+        raise ValueError(f"input={input!r} does not fit {table.dims}D data from {table.source}")
+    if task == "segment" and not table.df["mask"].astype(str).str.len().gt(0).any():
+        raise ValueError(f"{table.source}: no lesion masks found, so there is nothing to segment")
+    config = preprocess_config(profile, "volume" if input == "volume" else "slices", n_slices)
+    cache_dir = None
+    if cache:
+        import hashlib
+
+        from helpers.paths import data_dir
+
+        key = hashlib.sha256(f"{Path(str(table.source)).resolve()}|{config.hash()}".encode()).hexdigest()[:16]
+        cache_dir = data_dir() / "cache" / "training" / key
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    healthy_index = 0
+    if task == "classify":
+        classes, index = _class_index(table, labels)
+        if input == "slices":
+            healthy_index = classes.index(healthy_class(classes))
+    else:
+        classes, index = ["background", "lesion"], {}
+    splits: dict[str, TensorData] = {}
+    subjects: dict[str, list[str]] = {}
+    brains: dict[str, torch.Tensor] = {}
+    for split in ("train", "val", "test"):
+        rows = table.split(split)
+        if rows.empty:
+            raise ValueError(f"{table.source}: the {split} split is empty; the dataset is too small to train on")
+        images, masks, brain = _case_arrays(table, rows, config, cache_dir)
+        cases, subs = rows["case"].astype(str).tolist(), rows["subject"].astype(str).tolist()
+        if input == "slices":
+            x, y, ids, sub = _slices(images, masks, brain, rows, task, index, healthy_index, min_lesion_pixels)
+        else:
+            x = torch.stack(images)
+            if task == "segment":
+                y = torch.stack([(m > 0).long() if m is not None else torch.zeros(x.shape[2:], dtype=torch.long)
+                                 for m in masks])
+            else:
+                y = torch.tensor([index[str(v)] for v in rows["label"]], dtype=torch.long)
+            ids, sub = cases, subs
+            if brain[0] is not None:
+                brains[split] = torch.stack(brain)
+        splits[split] = TensorData(x, y, ids)
+        subjects[split] = sub
+    record = {"pipeline": config.to_dict(), "input": input, "modalities": list(table.modalities),
+              "labels": labels if task == "classify" else "lesion", "n_slices": n_slices if input == "slices" else None,
+              "slice_axis": 2 if input == "slices" else None, "min_lesion_pixels": min_lesion_pixels,
+              "dims": 2 if input in ("slices", "image") else 3}
+    info = {"source": str(table.source), "kind": table.kind, "profile": profile.name,
+            "samples": {k: len(v) for k, v in splits.items()},
+            "subjects": {k: len(set(v)) for k, v in subjects.items()}, "dataset_classes": list(table.classes)}
+    prep = Prepared(splits["train"], splits["val"], splits["test"], classes, task, input, record["dims"],
+                    list(table.modalities), record, info, subjects, brains)
+    if verbose:
+        print(f"{table.kind} data from {table.source}: {input} input, task {task}, classes {classes}")
+        print(prep.summary())
+    return prep
+
+
+def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_pixels):
+    """Axial slices with brain in them; labels from the lesion mask where there is one."""
+    xs, ys, ids, subs = [], [], [], []
+    for image, mask, brain, (_, row) in zip(images, masks, brains, rows.iterrows(), strict=True):
+        z_keep = range(image.shape[-1])
+        if brain is not None:
+            frac = brain.reshape(-1, brain.shape[-1]).float().mean(0)
+            z_keep = [z for z in z_keep if frac[z] > 0.05]
+        for z in z_keep:
+            xs.append(image[..., z])
+            lesion_pixels = int((mask[..., z] > 0).sum()) if mask is not None else None
+            if task == "segment":
+                ys.append((mask[..., z] > 0).long() if mask is not None else torch.zeros(image.shape[1:3], dtype=torch.long))
+            else:
+                subject_class = index[str(row["label"])]
+                if lesion_pixels is None:
+                    ys.append(subject_class)
+                else:
+                    ys.append(subject_class if lesion_pixels >= min_lesion_pixels else healthy_index)
+            ids.append(f"{row['case']}:z{z}")
+            subs.append(str(row["subject"]))
+    x = torch.stack(xs)
+    y = torch.stack(ys) if task == "segment" else torch.tensor(ys, dtype=torch.long)
+    return x, y, ids, subs
+
+
+def flip_left_right(x: torch.Tensor, y: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror a random half of a batch left-right (axis X in RAS), masks too; on the batch's device.
+
+    Brains are nearly symmetric and lesions occur on both sides, so a mirrored
+    scan is a plausible new scan: the simplest augmentation there is.
+    """
+    flip = torch.rand(len(x), device=x.device) < p
+    view = (-1,) + (1,) * (x.ndim - 1)
+    x = torch.where(flip.view(view), torch.flip(x, dims=[2]), x)
+    if y.ndim == x.ndim - 1:  # a mask per voxel: flip it the same way
+        y = torch.where(flip.view((-1,) + (1,) * (y.ndim - 1)), torch.flip(y, dims=[1]), y)
+    return x, y
+
+
+def subject_scores(probs: torch.Tensor, subjects: Sequence[str], reduce: str = "max") -> dict[str, torch.Tensor]:
+    """Combine slice-level probabilities into one per subject (max, or mean, over its slices)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for p, s in zip(probs, subjects, strict=True):
+        out.setdefault(s, []).append(p)
+    fn = (lambda t: t.max(0).values) if reduce == "max" else (lambda t: t.mean(0))
+    return {s: fn(torch.stack(v)) for s, v in out.items()}
