@@ -438,8 +438,8 @@ class SliceViewer(widgets.VBox):
             style={"button_width": "100px"})
         axis = self._slider_axis()
         self.slice_slider = widgets.IntSlider(
-            value=self.cursor[axis], min=0, max=self.shape[axis] - 1, description="Slice",
-            continuous_update=True, layout=widgets.Layout(width="420px"))
+            value=self.cursor[axis], min=0, max=self.shape[axis] - 1,
+            description=f"{('sagittal', 'coronal', 'axial')[axis]} slice", continuous_update=True, layout=widgets.Layout(width="420px"))
         self.opacity_slider = widgets.FloatSlider(
             value=self._opacity, min=0.0, max=1.0, step=0.05, description="Opacity",
             disabled=not has_overlay, continuous_update=True, layout=widgets.Layout(width="300px"))
@@ -457,9 +457,11 @@ class SliceViewer(widgets.VBox):
         self.readout_html.add_class(CSS_READOUT)
         self.drawn_html = widgets.HTML()
         self.drawn_html.add_class(CSS_DRAWN)
-        for control in (self.view_select, self.modality_select, self.convention_select,
-                        self.slice_slider, self.opacity_slider, self.preset_select,
-                        self.level_slider, self.width_slider):
+        for css, control in (("view", self.view_select), ("modality", self.modality_select),
+                             ("convention", self.convention_select), ("slice", self.slice_slider),
+                             ("opacity", self.opacity_slider), ("preset", self.preset_select),
+                             ("level", self.level_slider), ("width", self.width_slider)):
+            control.add_class(f"bmv-{css}")  # stable hooks for browser tests and styling
             control.observe(self._on_control, names="value")
 
     def _layout_children(self) -> list:
@@ -471,19 +473,28 @@ class SliceViewer(widgets.VBox):
         ]
 
     def _set_window_ranges(self) -> None:
-        data = self._data[self._modality]
-        lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+        """Fix the level/width slider ranges once, wide enough for every modality.
+
+        The ranges never change afterwards: a front end that receives a new range
+        clamps the old value and sends it back, which would read as a user's change.
+        """
+        lows = [float(np.nanmin(d)) for d in self._data.values()]
+        highs = [float(np.nanmax(d)) for d in self._data.values()]
+        lo, hi = min(lows), max(highs)
         span = max(hi - lo, 1e-6)
+        finest = max(min(h - low for low, h in zip(lows, highs, strict=True)), 1e-6)
         with self._quiet():
-            for slider, (a, b) in ((self.level_slider, (lo - span, hi + span)),
-                                   (self.width_slider, (span / 1000, 2 * span))):
-                if a > slider.max:
-                    slider.max, slider.min = b, a
-                else:
-                    slider.min, slider.max = a, b
-                slider.step = span / 500
-            self.level_slider.value = float(np.clip(self._level, lo - span, hi + span))
-            self.width_slider.value = float(np.clip(self._width, span / 1000, 2 * span))
+            self.level_slider.min, self.level_slider.max = lo - span, hi + span
+            self.width_slider.min, self.width_slider.max = finest / 1000, 2 * span
+            self.level_slider.step = self.width_slider.step = finest / 500
+            self._show_window()
+
+    def _show_window(self) -> None:
+        with self._quiet():
+            self.level_slider.value = float(np.clip(self._level, self.level_slider.min,
+                                                    self.level_slider.max))
+            self.width_slider.value = float(np.clip(self._width, self.width_slider.min,
+                                                    self.width_slider.max))
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -512,16 +523,20 @@ class SliceViewer(widgets.VBox):
                     self._preset = "1-99 %"
                     self.preset_select.value = self._preset
                 self._level, self._width = window_for(self._data[new], self._preset)
-                self._set_window_ranges()
+                self._show_window()
             elif owner is self.convention_select:
                 self._radiological = new == "radiological"
             elif owner is self.preset_select:
                 self._preset = new
                 if new != "custom":
                     self._level, self._width = window_for(self._data[self._modality], new)
-                    self.level_slider.value, self.width_slider.value = self._level, self._width
+                    self._show_window()
             elif owner in (self.level_slider, self.width_slider):
-                self._level, self._width = float(self.level_slider.value), float(self.width_slider.value)
+                level, width = float(self.level_slider.value), float(self.width_slider.value)
+                tol = 0.51 * float(self.level_slider.step or 0)
+                if abs(level - self._level) <= tol and abs(width - self._width) <= tol:
+                    return  # the front end rounding our own value to its step: not a user change
+                self._level, self._width = level, width
                 self._preset = "custom"
                 self.preset_select.value = "custom"
         self._redraw()
@@ -534,7 +549,7 @@ class SliceViewer(widgets.VBox):
         with self._quiet():
             self.slice_slider.max = max(self.shape[axis] - 1, self.slice_slider.min)
             self.slice_slider.value = self.cursor[axis]
-            self.slice_slider.description = f"{VIEW_LABELS[self._view].split('-')[0]} slice"
+            self.slice_slider.description = f"{('sagittal', 'coronal', 'axial')[axis]} slice"
 
     def _check_cursor(self, voxel: Sequence[int]) -> None:
         if len(voxel) != 3 or any(not 0 <= int(v) < s for v, s in zip(voxel, self.shape, strict=True)):
