@@ -146,3 +146,68 @@ def feature_groups(columns: Sequence[str]) -> dict[str, list[str]]:
         else:
             groups["other"].append(c)
     return groups
+
+
+def classical_models(seed: int = 42) -> dict:
+    """The three classical classifiers of notebook 03, each a scikit-learn pipeline.
+
+    Features are standardised (mean 0, standard deviation 1) inside the pipeline,
+    so cross-validation learns the scaling on the training folds only.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return {
+        "logistic regression": make_pipeline(StandardScaler(), LogisticRegression(
+            max_iter=5000, C=0.5, class_weight="balanced")),
+        "SVM (RBF kernel)": make_pipeline(StandardScaler(), SVC(
+            C=1.0, probability=True, class_weight="balanced", random_state=seed)),
+        "random forest": make_pipeline(StandardScaler(), RandomForestClassifier(
+            n_estimators=300, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1)),
+    }
+
+
+def compare_classifiers(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                        cv_folds: int = 5, seed: int = 42):
+    """Cross-validate each classical model inside the training split, then score it on validation.
+
+    Cross-validation uses the training split only (stratified folds; fewer folds
+    when a class has fewer training samples than ``cv_folds``), so the validation
+    and test subjects never influence a choice.
+
+    Returns:
+        ``(table, fitted)``: a DataFrame with the cross-validated ROC-AUC (mean and
+        standard deviation over folds) and the validation ROC-AUC and balanced
+        accuracy per model; and the models refitted on the whole training split.
+    """
+    import pandas as pd
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    classes = np.unique(y_train)
+    binary = len(classes) == 2
+    scoring = "roc_auc" if binary else "roc_auc_ovr"
+    folds = int(min(cv_folds, np.bincount(y_train).min() if len(y_train) else 2))
+    rows, fitted = [], {}
+    for name, model in classical_models(seed).items():
+        row = {"model": name}
+        if folds >= 2:
+            cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+            scores = cross_val_score(model, x_train, y_train, cv=cv, scoring=scoring)
+            row.update({"cv ROC-AUC (train split)": scores.mean(), "cv sd": scores.std(), "folds": folds})
+        model.fit(x_train, y_train)
+        probs = model.predict_proba(x_val)
+        present = np.unique(y_val)
+        if len(present) < 2 or (not binary and len(present) < len(classes)):
+            auc = float("nan")
+        else:
+            auc = roc_auc_score(y_val, probs[:, 1]) if binary else roc_auc_score(
+                y_val, probs, multi_class="ovr", labels=classes)
+        row.update({"validation ROC-AUC": auc,
+                    "validation balanced accuracy": balanced_accuracy_score(y_val, probs.argmax(1))})
+        rows.append(row)
+        fitted[name] = model
+    return pd.DataFrame(rows).set_index("model"), fitted

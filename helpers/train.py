@@ -549,6 +549,44 @@ def _in_notebook() -> bool:
 # --------------------------------------------------------------------------- the engine
 
 
+def lr_schedule(warmup_steps: int, total_steps: int) -> list[float]:
+    """The learning-rate factor (times the peak rate) at every step: linear warm-up, then cosine.
+
+    Example:
+        >>> [round(f, 2) for f in lr_schedule(2, 6)]
+        [0.5, 1.0, 1.0, 0.85, 0.5, 0.15]
+    """
+    factor = _lr_lambda(warmup_steps, total_steps)
+    return [factor(s) for s in range(total_steps)]
+
+
+def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = "classify",
+                      steps: int = 40, lr: float = 3e-3, device: torch.device | None = None) -> list[float]:
+    """Train on one small batch only and return the loss at each step.
+
+    A sanity check before any real training: a model that cannot drive the loss
+    on a handful of samples towards zero has a bug (wrong shapes, labels, or a
+    broken layer). Dropout is switched off (eval mode for dropout only) so the
+    curve is smooth; batch norm still learns.
+    """
+    device = device or get_device(verbose=False)
+    model = model.to(device).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    x, y = x.to(device), y.to(device)
+    loss_fn = TaskLoss(task)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -827,12 +865,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap on training")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-augment", action="store_true", help="do not mirror scans left-right")
+    parser.add_argument("--augment", default="light", choices=("none", "flip", "light", "full"),
+                        help="training augmentation (see helpers.training_data.make_augment); default light")
     parser.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
     parser.add_argument("--no-cache", action="store_true", help="do not keep preprocessed cases in data/cache/")
     args = parser.parse_args(argv)
 
-    from helpers.training_data import flip_left_right, prepare
+    from helpers.training_data import make_augment, prepare
 
     ctx = distributed.context()
     profile = get_profile(args.profile, seed=args.seed)
@@ -851,8 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = args.labels if args.task == "classify" else None
     out = Path(args.out) if args.out else runs_dir() / default_run_name(args.task, name, prep.dims, labels)
     result = fit(model, prep.train, prep.val, config, out, test=prep.test,
-                 augment=None if args.no_augment else flip_left_right, classes=prep.classes,
-                 preprocess=prep.preprocess, data_info=prep.info, resume=not args.no_resume, live_plot=False)
+                 augment=make_augment(args.task, args.augment), classes=prep.classes,
+                 preprocess=prep.preprocess, data_info={**prep.info, "augment": args.augment}, resume=not args.no_resume, live_plot=False)
     if ctx.is_main:
         m = result.metrics
         print(f"Stopped: {result.stopped} after {len(result.history)} epoch(s), {result.train_seconds:.1f} s; "

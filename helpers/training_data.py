@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +65,8 @@ class Prepared:
             inputs were made) so deployment re-applies exactly the same steps.
         info: the source, its kind and the split sizes, for people and config.json.
         subjects: per split, the subject of each sample (slices: one per slice).
-        brains: per split, the brain (or head) masks of volumes, for features.
+        brains: per split, the head masks of volumes (found by
+            ``helpers.intensity.foreground_mask``), for handcrafted features.
     """
 
     train: TensorData
@@ -129,36 +129,23 @@ def preprocess_config(profile: Profile, input: str = "volume", n_slices: int = 1
                             shape=shape, shape_mode="resize")
 
 
-def _case_arrays(table: CaseTable, rows, config: PreprocessConfig, cache_dir: Path | None):
-    """Preprocess the rows (or read them from the cache): images, masks, brains."""
-    images, masks, brains = [], [], []
-    for _, row in rows.iterrows():
-        cached = None
-        if cache_dir is not None:
-            key = f"{row['case']}".replace(os.sep, "_")
-            cached = cache_dir / f"{key}.pt"
-            if cached.exists():
-                try:
-                    item = torch.load(cached, weights_only=True)
-                    images.append(item["image"])
-                    masks.append(item["mask"])
-                    brains.append(item["brain"])
-                    continue
-                except Exception:  # corrupt entry: rebuild it
-                    cached.unlink(missing_ok=True)
-        out = load_case(table, row, config)
-        image = torch.from_numpy(out.image)
-        mask = torch.from_numpy(np.asarray(out.mask, dtype=np.int16)) if out.mask is not None else None
-        brain = torch.from_numpy(out.brain) if out.brain is not None else None
-        if cached is not None:
-            from helpers.io import atomic_path
+def _case_arrays(table: CaseTable, rows, config: PreprocessConfig, cache):
+    """Preprocess the rows (or read them from the tensor cache): images, masks, head masks."""
+    from helpers.intensity import foreground_mask
 
-            with atomic_path(cached) as tmp:
-                torch.save({"image": image, "mask": mask, "brain": brain}, tmp)
+    images, masks, heads = [], [], []
+    for _, row in rows.iterrows():
+        if cache is not None:
+            item = cache.get(table, row)
+            image, mask = item["image"], item["mask"]
+        else:
+            out = load_case(table, row, config)
+            image = torch.from_numpy(out.image)
+            mask = torch.from_numpy(np.asarray(out.mask, dtype=np.int64)) if out.mask is not None else None
         images.append(image)
         masks.append(mask)
-        brains.append(brain)
-    return images, masks, brains
+        heads.append(torch.from_numpy(foreground_mask(image.numpy())) if image.ndim == 4 else None)
+    return images, masks, heads
 
 
 def _class_index(table: CaseTable, labels: str) -> tuple[list[str], dict[str, int]]:
@@ -185,8 +172,9 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
         labels: ``binary`` (healthy versus lesion) or ``diagnosis`` (all classes).
         n_slices: axial positions per volume for ``slices``.
         min_lesion_pixels: lesion pixels a slice needs to count as showing the lesion.
-        cache: keep preprocessed cases under ``data/cache/`` (keyed by the source and
-            the pipeline settings) so the next run reads them in a moment.
+        cache: keep preprocessed cases in :class:`helpers.cache.TensorCache`
+            (``data/cache/tensors/``, keyed by the pipeline settings and the source
+            files) so the next run reads them in a moment.
         seed: split seed (None: the profile's).
         verbose: print what was prepared.
     """
@@ -204,15 +192,11 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     if task == "segment" and not table.df["mask"].astype(str).str.len().gt(0).any():
         raise ValueError(f"{table.source}: no lesion masks found, so there is nothing to segment")
     config = preprocess_config(profile, "volume" if input == "volume" else "slices", n_slices)
-    cache_dir = None
+    tensor_cache = None
     if cache:
-        import hashlib
+        from helpers.cache import TensorCache
 
-        from helpers.paths import data_dir
-
-        key = hashlib.sha256(f"{Path(str(table.source)).resolve()}|{config.hash()}".encode()).hexdigest()[:16]
-        cache_dir = data_dir() / "cache" / "training" / key
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        tensor_cache = TensorCache(config, verbose=verbose)
     healthy_index = 0
     if task == "classify":
         classes, index = _class_index(table, labels)
@@ -227,7 +211,7 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
         rows = table.split(split)
         if rows.empty:
             raise ValueError(f"{table.source}: the {split} split is empty; the dataset is too small to train on")
-        images, masks, brain = _case_arrays(table, rows, config, cache_dir)
+        images, masks, brain = _case_arrays(table, rows, config, tensor_cache)
         cases, subs = rows["case"].astype(str).tolist(), rows["subject"].astype(str).tolist()
         if input == "slices":
             x, y, ids, sub = _slices(images, masks, brain, rows, task, index, healthy_index, min_lesion_pixels)
@@ -282,6 +266,39 @@ def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_
     x = torch.stack(xs)
     y = torch.stack(ys) if task == "segment" else torch.tensor(ys, dtype=torch.long)
     return x, y, ids, subs
+
+
+AUGMENT_LEVELS = ("none", "flip", "light", "full")
+
+
+def make_augment(task: str, level: str = "light"):
+    """A batch augmentation for the training engine, built on :mod:`helpers.augment`.
+
+    Levels: ``none``; ``flip`` (left-right mirror only, nearly free);
+    ``light`` (mirror plus intensity changes: bias field, noise, gamma, contrast;
+    no resampling, so cheap on a CPU); ``full`` (also small rotations, zooms,
+    shifts and elastic warps, one ``grid_sample`` per batch: best on a GPU).
+    Masks (segmentation) move with the image; class labels are left alone.
+    """
+    from helpers.augment import AugmentConfig, augment
+
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"augmentation level must be one of {AUGMENT_LEVELS}, got {level!r}")
+    if level == "none":
+        return None
+    if level == "flip":
+        return flip_left_right
+    config = AugmentConfig() if level == "full" else AugmentConfig(affine_p=0.0, elastic_p=0.0)
+
+    def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if task == "segment":
+            xa, ya = augment(x, y, config)
+            return xa, ya
+        xa, _ = augment(x, None, config)
+        return xa, y
+
+    apply.settings = {"level": level, **config.to_dict()}
+    return apply
 
 
 def flip_left_right(x: torch.Tensor, y: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,3 +57,19 @@ def test_features_have_stable_names_grouped_by_kind():
     assert all(np.isfinite(v) for v in feats.values())
     with pytest.raises(ValueError, match="empty"):
         features.extract_features(vol, np.zeros_like(brain))
+
+
+def test_classical_models_are_compared_with_cross_validation_inside_the_training_split():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    x = rng.normal(size=(60, 5))
+    x[:, 0] += 2.5 * y  # one informative feature
+    table, fitted = features.compare_classifiers(x[:40], y[:40], x[40:], y[40:], cv_folds=4)
+    assert set(table.index) == {"logistic regression", "SVM (RBF kernel)", "random forest"}
+    assert (table["folds"] == 4).all()
+    assert (table["validation ROC-AUC"] > 0.8).all()
+    # a class with only 2 training samples forces 2 folds instead of failing
+    y3 = y.copy()
+    y3[:40][np.flatnonzero(y3[:40] == 1)[2:]] = 0
+    table3, _ = features.compare_classifiers(x[:40], y3[:40], x[40:], y[40:], cv_folds=5)
+    assert (table3["folds"] == 2).all()
