@@ -164,10 +164,28 @@ def classical_models(seed: int = 42) -> dict:
         "logistic regression": make_pipeline(StandardScaler(), LogisticRegression(
             max_iter=5000, C=0.5, class_weight="balanced")),
         "SVM (RBF kernel)": make_pipeline(StandardScaler(), SVC(
-            C=1.0, probability=True, class_weight="balanced", random_state=seed)),
+            C=1.0, class_weight="balanced", decision_function_shape="ovr", random_state=seed)),
         "random forest": make_pipeline(StandardScaler(), RandomForestClassifier(
             n_estimators=300, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1)),
     }
+
+
+def class_scores(model, x: np.ndarray) -> np.ndarray:
+    """Per-class scores that sum to 1: ``predict_proba``, or a softmax of the SVM's decision values.
+
+    ROC-AUC only needs a ranking, so the SVM's raw decision values work as scores
+    (no probability calibration needed).
+    """
+    if hasattr(model, "predict_proba"):
+        try:
+            return model.predict_proba(x)
+        except AttributeError:
+            pass
+    d = np.asarray(model.decision_function(x), dtype=np.float64)
+    if d.ndim == 1:
+        d = np.stack([-d, d], axis=1) / 2
+    e = np.exp(d - d.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def compare_classifiers(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -199,15 +217,15 @@ def compare_classifiers(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
             scores = cross_val_score(model, x_train, y_train, cv=cv, scoring=scoring)
             row.update({"cv ROC-AUC (train split)": scores.mean(), "cv sd": scores.std(), "folds": folds})
         model.fit(x_train, y_train)
-        probs = model.predict_proba(x_val)
+        scores = class_scores(model, x_val)
         present = np.unique(y_val)
         if len(present) < 2 or (not binary and len(present) < len(classes)):
             auc = float("nan")
         else:
-            auc = roc_auc_score(y_val, probs[:, 1]) if binary else roc_auc_score(
-                y_val, probs, multi_class="ovr", labels=classes)
+            auc = roc_auc_score(y_val, scores[:, 1]) if binary else roc_auc_score(
+                y_val, scores, multi_class="ovr", labels=classes)
         row.update({"validation ROC-AUC": auc,
-                    "validation balanced accuracy": balanced_accuracy_score(y_val, probs.argmax(1))})
+                    "validation balanced accuracy": balanced_accuracy_score(y_val, model.predict(x_val))})
         rows.append(row)
         fitted[name] = model
     return pd.DataFrame(rows).set_index("model"), fitted
