@@ -198,6 +198,13 @@ class _Panel:
             "top": self.ax.text(0.5, 0.985, "", ha="center", va="top", **style),
             "bottom": self.ax.text(0.5, 0.015, "", ha="center", va="bottom", **style),
         }
+        self.caption = self.ax.text(0.5, 1.01, "", ha="center", va="bottom", fontsize=9,
+                                    transform=self.ax.transAxes)
+        # what changes from frame to frame: drawn over a saved background ("blitting")
+        self.dynamic = [a for a in (self.base, self.labels, self.heat, self.vline, self.hline,
+                                    *self.letters.values(), self.caption) if a is not None]
+        for artist in self.dynamic:
+            artist.set_animated(True)
         self.shape: tuple[int, ...] = ()
 
     def set_visible(self, on: bool) -> None:
@@ -236,6 +243,8 @@ class _Renderer:
         self.title = self.fig.text(0.01, 0.985, title or "", ha="left", va="top", fontsize=11)
         self.info = self.fig.text(0.99, 0.985, "", ha="right", va="top", fontsize=8, color="0.3")
         self.layout = ""
+        self._background = None
+        self._background_key: tuple = ()
 
     def set_layout(self, view: str) -> None:
         if view == self.layout:
@@ -245,9 +254,9 @@ class _Renderer:
         self.single.set_visible(not three)
         for k, panel in enumerate(self.planes.values()):
             panel.set_visible(three)
-            panel.ax.set_position((0.005 + k * 0.262, 0.13, 0.255, 0.78))
+            panel.ax.set_position((0.005 + k * 0.257, 0.13, 0.25, 0.78))
         self.single.ax.set_position((0.01, 0.1, 0.74, 0.82))
-        x0, w, y0, h = (0.80, 0.012, 0.2, 0.6) if three else (0.78, 0.025, 0.15, 0.7)
+        x0, w, y0, h = (0.81, 0.012, 0.2, 0.6) if three else (0.78, 0.025, 0.15, 0.7)
         self.cax_base.set_position((x0, y0, w, h))
         if self.cax_heat is not None:
             self.cax_heat.set_position((x0 + (0.08 if three else 0.11), y0, w, h))
@@ -283,7 +292,7 @@ class _Renderer:
             line.set_visible(st.crosshair)
         for edge, letter in edge_letters(view, st.radiological).items():
             panel.letters[edge].set_text(letter)
-        panel.ax.set_title(f"{VIEW_LABELS[view]} slice {idx}", fontsize=9, pad=3)
+        panel.caption.set_text(f"{VIEW_LABELS[view]} slice {idx}")
 
     def draw(self, st: _DrawState) -> np.ndarray:
         """Draw the state; return the RGBA pixels (a view valid until the next draw)."""
@@ -293,11 +302,27 @@ class _Renderer:
                 self.draw_panel(panel, view, st)
         else:
             self.draw_panel(self.single, st.view, st)
-        self.single.base.set_clim(st.vmin, st.vmax)  # the colour bar follows the window
-        self.title.set_text(st.title)
-        self.info.set_text(st.info)
-        self.fig.canvas.draw()
-        return np.asarray(self.fig.canvas.buffer_rgba())
+        canvas = self.fig.canvas
+        key = (st.view, st.vmin, st.vmax, st.title, st.info, tuple(p.ax.get_position().bounds
+                                                                   for p in self._visible()))
+        if key != self._background_key or self._background is None:
+            # the parts that rarely change (frames, colour bars, legend, captions): drawn
+            # in full only when they change, then kept as a background image
+            self.single.base.set_clim(st.vmin, st.vmax)  # the colour bar follows the window
+            self.title.set_text(st.title)
+            self.info.set_text(st.info)
+            canvas.draw()
+            self._background = canvas.copy_from_bbox(self.fig.bbox)
+            self._background_key = key
+        canvas.restore_region(self._background)
+        for panel in self._visible():
+            for artist in panel.dynamic:
+                if artist.get_visible():
+                    panel.ax.draw_artist(artist)
+        return np.asarray(canvas.buffer_rgba())
+
+    def _visible(self) -> list[_Panel]:
+        return list(self.planes.values()) if self.layout == "three" else [self.single]
 
     def png(self, st: _DrawState, level: int = LIVE_PNG_LEVEL) -> bytes:
         from PIL import Image
@@ -413,6 +438,7 @@ class SliceViewer(widgets.VBox):
         self._level, self._width = (window_for(self._data[ref_name], window)
                                     if isinstance(window, str) else (float(window[0]), float(window[1])))
         self._busy = False
+        self._windows: dict[tuple[str, str], tuple[float, float]] = {}
         self.frames_drawn = 0
         self._shown_at: int | None = None
         self._build_controls()
@@ -522,14 +548,14 @@ class SliceViewer(widgets.VBox):
                 if self._preset == "custom":
                     self._preset = "1-99 %"
                     self.preset_select.value = self._preset
-                self._level, self._width = window_for(self._data[new], self._preset)
+                self._level, self._width = self._preset_window(new, self._preset)
                 self._show_window()
             elif owner is self.convention_select:
                 self._radiological = new == "radiological"
             elif owner is self.preset_select:
                 self._preset = new
                 if new != "custom":
-                    self._level, self._width = window_for(self._data[self._modality], new)
+                    self._level, self._width = self._preset_window(self._modality, new)
                     self._show_window()
             elif owner in (self.level_slider, self.width_slider):
                 level, width = float(self.level_slider.value), float(self.width_slider.value)
@@ -540,6 +566,13 @@ class SliceViewer(widgets.VBox):
                 self._preset = "custom"
                 self.preset_select.value = "custom"
         self._redraw()
+
+    def _preset_window(self, modality: str, preset: str) -> tuple[float, float]:
+        """``window_for`` once per modality and preset (percentiles of a big volume take a while)."""
+        key = (modality, preset)
+        if key not in self._windows:
+            self._windows[key] = window_for(self._data[modality], preset)
+        return self._windows[key]
 
     def _slider_axis(self) -> int:
         return SLICE_AXIS["axial" if self._view == "three" else self._view]
