@@ -640,7 +640,7 @@ def validate(table: CaseTable, deep: bool = True, on_error: str = "raise") -> Ca
     """
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
-    expected = set(table.label_names) if table.label_names else None
+    expected = (set(table.label_names) | {0}) if table.label_names else None
     meta = {"modalities": table.modalities, "dims": table.dims, "source": table.source,
             "four_d": bool(table.volume_index)}
     problems: list[str] = []
