@@ -83,12 +83,10 @@ def main(argv=None) -> int:
     print(_line("opacity change, labels + heat map", _steps(over, levels, over.set_opacity)))
     # where the time goes, for one axial frame
     state = over._state()
-    t0 = time.perf_counter()
-    over._renderer.draw(state)
-    t1 = time.perf_counter()
-    over._renderer.png(state)
-    t2 = time.perf_counter()
-    print(f"  of which figure draw ~{1000 * (t1 - t0):.1f} ms, draw + PNG ~{1000 * (t2 - t1):.1f} ms")
+    draw = _steps(over, range(10), lambda _: over._renderer.draw(state))
+    draw_png = _steps(over, range(10), lambda _: over._renderer.png(state))
+    print(f"  of which: figure update + draw {statistics.median(draw):.1f} ms, "
+          f"+ PNG encoding {statistics.median(draw_png) - statistics.median(draw):.1f} ms (medians)")
     over.close()
     print(f"\nfigures made: {V._Renderer.figures_created - figures} (one per viewer); "
           f"pyplot figures added: {len(plt.get_fignums()) - pyplot_figures}")
