@@ -362,6 +362,9 @@ class SliceViewer(widgets.VBox):
             drawn with a colour bar; values at or below ``heatmap_threshold`` are
             transparent.
         label_names: ``{label value: name}`` for the legend.
+        label_colors: ``{label value: matplotlib colour}``; the others get distinct
+            colours from a qualitative palette, chosen by label value (so a value
+            keeps its colour from one viewer to the next).
         title: a line above the picture.
         view: ``"axial"``, ``"coronal"``, ``"sagittal"`` or ``"three"``.
         radiological: patient's right on the screen's left (default: neurological).
@@ -381,6 +384,7 @@ class SliceViewer(widgets.VBox):
 
     def __init__(self, image: ImageLike | Mapping[str, ImageLike], *, labels: ImageLike | None = None,
                  heatmap: ImageLike | None = None, label_names: Mapping[int, str] | None = None,
+                 label_colors: Mapping[int, Any] | None = None,
                  title: str | None = None, view: str = "axial", radiological: bool = False,
                  opacity: float = 0.5, window: str | tuple[float, float] = "1-99 %",
                  cursor: Sequence[int] | None = None, heatmap_threshold: float | None = None,
@@ -409,8 +413,11 @@ class SliceViewer(widgets.VBox):
             for n, value in enumerate(self._label_values, start=1):
                 index[lab == value] = n
             self._labels, self._label_raw = index, lab
-            palette = matplotlib.colormaps["tab10" if len(self._label_values) <= 10 else "tab20"]
-            colors = [palette(n % palette.N) for n in range(max(len(self._label_values), 1))]
+            palette = matplotlib.colormaps["tab10" if max(self._label_values, default=0) <= 10
+                                           else "tab20"]
+            chosen = dict(label_colors or {})
+            colors = [chosen.get(v, palette((v - 1) % palette.N)) for v in self._label_values]
+            colors = colors or [palette(0)]
             names = dict(label_names or {})
             label_entries = [(names.get(v, f"label {v}"), colors[n])
                              for n, v in enumerate(self._label_values)]

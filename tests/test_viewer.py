@@ -406,3 +406,26 @@ def test_command_line_writes_the_static_figure(tmp_path):
                    "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 800
     assert V.main([str(tmp_path / "missing.nii.gz")]) == 2
+
+
+def test_label_colours_follow_the_label_value():
+    (image, affine), (labels, _) = blob_subject("RAS", "RAS")
+    v = V.SliceViewer((image, affine), labels=(labels, affine), label_colors={4: "#ff0000"},
+                      opacity=1.0, crosshair=False, cursor=(13, 7, 10))
+    try:
+        frame = v.frame().astype(int)
+        red = (frame[..., 0] > 200) & (frame[..., 1] < 40) & (frame[..., 2] < 40)
+        assert np.count_nonzero(red & panel_pixels(v)) > 100
+    finally:
+        v.close()
+    # without a choice, label 4 gets palette entry 4 whatever other labels exist
+    v1 = V.SliceViewer((image, affine), labels=(labels, affine))
+    labels2 = labels.copy()
+    labels2[0, 0, 0] = 1
+    v2 = V.SliceViewer((image, affine), labels=(labels2, affine))
+    try:
+        cmap1, cmap2 = v1._renderer.single.labels.cmap, v2._renderer.single.labels.cmap
+        assert cmap1(0) == cmap2(1)  # label 4's colour: first of one map, second of the other
+    finally:
+        v1.close()
+        v2.close()
