@@ -482,8 +482,8 @@ class PreprocessConfig:
             sp = spacing_of(affine)
             img = np.stack([denoise(c, self.denoise, self.denoise_sigma_mm, sp) for c in img])
             steps.append(f"denoise ({self.denoise})")
-        head = foreground_mask(img[self.reference_channel])
         if self.bias_correction:
+            head = foreground_mask(img[self.reference_channel])
             img = np.stack([correct_bias_field(c, head & (c > 0))[0] for c in img])
             steps.append("bias-field correction (polynomial log-field, degree 3)")
         if self.spacing is not None:
@@ -491,15 +491,17 @@ class PreprocessConfig:
             img, new_aff = resample(img, affine, self.spacing, order=self.image_order)
             if lab is not None:
                 lab, _ = resample(lab, affine, self.spacing, is_label=True)
-            head, _ = resample(head.astype(np.uint8), affine, self.spacing, is_label=True)
-            head = head.astype(bool)
             affine = new_aff
             steps.append(f"resample {np.round(before, 2).tolist()} -> {np.round(spacing_of(affine), 2).tolist()} mm")
-        brain = head
+        brain = None
         if self.skull_strip:
             brain = skull_strip(img[self.reference_channel], affine)
             img = img * brain[None]
             steps.append("brain extraction")
+        elif self.crop or self.normalise != "none":
+            brain = foreground_mask(img[self.reference_channel])  # the head: statistics and crop box
+        else:
+            brain = np.ones(img.shape[1:], dtype=bool)
         if self.crop and brain.any():
             margin = np.ceil(self.crop_margin_mm / spacing_of(affine)).astype(int)
             box = foreground_box(brain, margin)
