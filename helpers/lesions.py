@@ -155,7 +155,7 @@ def make_lesions(diagnosis: str, subtlety: float, tpl: anatomy.Template,
         pts = _candidates(tpl, "tumour")
         centre = pts[rng.integers(len(pts))] + rng.normal(0, 2, 3)
         radius = rng.uniform(10, 22) * size
-        core = rng.uniform(0.25, 0.6)
+        core = rng.uniform(0.35, 0.65)
         tumour = Blob(centre, radius * rng.uniform(0.8, 1.2, 3), _random_rotation(rng),
                               [(core, 1), (1.0, 3)], 0.25,
                               SmoothField.random(rng, 5, radius * 1.3))
@@ -179,14 +179,14 @@ def make_lesions(diagnosis: str, subtlety: float, tpl: anatomy.Template,
                             SmoothField.random(rng, 5, radius * 1.2), "brain")
         return LesionSet([blob], (4,)), None
     if diagnosis == "ms":
-        n = max(4, int(round(rng.uniform(8, 25) * (1 - 0.5 * subtlety))))
+        n = max(4, int(round(rng.uniform(10, 30) * (1 - 0.4 * subtlety))))
         peri, anywhere = _candidates(tpl, "ms_peri"), _candidates(tpl, "ms_any")
         blobs = []
         for _ in range(n):
             pts = peri if rng.random() < 0.6 else anywhere
             centre = pts[rng.integers(len(pts))] + rng.normal(0, 1, 3)
-            r = rng.uniform(3.0, 7.0) * size
-            blobs.append(Blob(centre, r * np.array([1.0, rng.uniform(0.5, 0.8), rng.uniform(0.5, 0.8)]),
+            r = rng.uniform(3.0, 8.0) * (1.0 - 0.4 * subtlety)
+            blobs.append(Blob(centre, r * np.array([1.0, rng.uniform(0.6, 0.9), rng.uniform(0.6, 0.9)]),
                                       _random_rotation(rng), [(1.0, 5)], 0.15,
                                       SmoothField.random(rng, 3, r * 2), "wm"))
         return LesionSet(blobs, (5,)), None

@@ -143,8 +143,8 @@ def scan_subject(plan: SubjectPlan, spacing_mm: float, seed: int,
     fracs = {label: acc[label] for label in lesions.labels}
 
     # Age-related atrophy: larger ventricles, thinner cortex.
-    atrophy = float(np.clip((plan.age - 25) / 60, 0, 1) * rng.uniform(0.6, 1.3))
-    grow = np.clip((vent - (0.75 - 0.55 * atrophy)) / 0.08, 0, 1)
+    atrophy = float(np.clip((plan.age - 25) / 60 * rng.uniform(0.6, 1.3), 0, 1))
+    grow = np.clip((vent - (0.75 - 0.45 * atrophy)) / 0.08, 0, 1)
     gm *= 1 - grow
     wm *= 1 - grow
     thin_mm = 2.5 * atrophy

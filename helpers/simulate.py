@@ -57,8 +57,9 @@ __all__ = [
     "subject_files", "main",
 ]
 
-SIM_VERSION = "1.0"
-"""Version of the generator, stored in the manifest: a new version never reuses old files."""
+SIM_VERSION = "1.1"
+"""Version of the generator, stored in the manifest. Bump it whenever the images change:
+a cohort made by another version is remade in place (same folder, same settings)."""
 
 DIAGNOSES: tuple[str, ...] = ("healthy", "tumour", "stroke", "ms")
 """Diagnosis names used in participants.tsv."""
@@ -352,6 +353,11 @@ def simulate_cohort(out: str | Path, n_subjects: int = 24, spacing_mm: float = 2
         raise ValueError("n_subjects must be at least 1")
     plans = plan_cohort(settings)
     manifest = _read_manifest(root)
+    if manifest is not None and _same_but_version(manifest.get("settings"), settings.as_dict()):
+        if verbose:
+            print(f"The cohort in {root} was made by generator version "
+                  f"{manifest['settings'].get('version')}; remaking it with version {SIM_VERSION}.")
+        manifest = {"settings": settings.as_dict(), "subjects": {}}
     if manifest is not None and manifest.get("settings") != settings.as_dict():
         raise DataError(root / MANIFEST, f"this folder holds a cohort made with other settings "
                         f"({manifest.get('settings')}); choose another folder for {settings.as_dict()} "
@@ -428,6 +434,13 @@ def simulate_cohort(out: str | Path, n_subjects: int = 24, spacing_mm: float = 2
         print(f"Simulated {len(todo)} subject(s) ({len(plans) - len(todo)} reused) into {root} "
               f"in {time.perf_counter() - start:.1f} s with {min(jobs, max(1, len(work)))} process(es).")
     return root
+
+
+def _same_but_version(old: Any, new: dict[str, Any]) -> bool:
+    """True when two settings differ only in the generator version."""
+    if not isinstance(old, dict) or old.get("version") == new.get("version"):
+        return False
+    return {k: v for k, v in old.items() if k != "version"} == {k: v for k, v in new.items() if k != "version"}
 
 
 def cohort_name(n_subjects: int, spacing_mm: float, seed: int, difficulty: float | str = "medium") -> str:

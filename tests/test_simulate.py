@@ -257,3 +257,20 @@ def test_template_cache_is_reused(data_home):
     assert tpl.names == anatomy.CHANNELS and tpl.channels.shape[0] == len(anatomy.CHANNELS)
     wm = tpl.value_at("wm", np.array([[28.0, -10.0, 25.0]]))  # deep white matter (corona radiata)
     assert wm[0] > 0.5
+
+
+def test_a_cohort_from_an_older_generator_is_remade_in_place(data_home, tmp_path, capsys):
+    root = simulate.simulate_cohort(tmp_path / "v", n_subjects=4, spacing_mm=SPACING, seed=3,
+                                    proportions=ALL_CLASSES, n_jobs=1, verbose=False)
+    manifest_path = root / simulate.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["settings"]["version"] = "0.9"
+    manifest_path.write_text(json.dumps(manifest))
+    stale = root / simulate.subject_files("sub-001")["T1w"]
+    stale.write_bytes(b"old generator output")
+    simulate.simulate_cohort(root, n_subjects=4, spacing_mm=SPACING, seed=3,
+                             proportions=ALL_CLASSES, n_jobs=1, verbose=True)
+    assert "remaking it" in capsys.readouterr().out
+    assert json.loads(manifest_path.read_text())["settings"]["version"] == simulate.SIM_VERSION
+    assert simulate.check_cohort(root, full=True)["bad"] == []
+    assert nib.load(stale).shape  # a real image again
