@@ -49,6 +49,7 @@ import ipywidgets as widgets
 import matplotlib
 import nibabel as nib
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
@@ -79,6 +80,8 @@ PRESETS = {"1-99 %": (1, 99), "0.5-99.5 %": (0.5, 99.5), "2-98 %": (2, 98), "5-9
            "min-max": (0, 100)}
 """Intensity-window presets: percentiles of the non-zero voxels mapped to black and white."""
 DPI = 100
+MAX_LEGEND = 18
+"""Legend entries shown at most (an atlas with hundreds of labels would fill the figure)."""
 LIVE_PNG_LEVEL = 1
 """zlib level for live frames: fast to encode; the static figure uses a smaller file."""
 CSS_READOUT = "bmv-readout"
@@ -191,7 +194,8 @@ class _Panel:
         line = {"color": "#39ff14", "lw": 0.6, "alpha": 0.55}
         self.vline = self.ax.axvline(0, **line)
         self.hline = self.ax.axhline(0, **line)
-        style = {"color": "white", "fontsize": 11, "fontweight": "bold", "transform": self.ax.transAxes}
+        style = {"color": "white", "fontsize": 11, "fontweight": "bold", "transform": self.ax.transAxes,
+                 "path_effects": [patheffects.withStroke(linewidth=2.5, foreground="black")]}
         self.letters = {
             "left": self.ax.text(0.015, 0.5, "", ha="left", va="center", **style),
             "right": self.ax.text(0.985, 0.5, "", ha="right", va="center", **style),
@@ -226,6 +230,7 @@ class _Renderer:
         label_cmap = ListedColormap(list(label_colors)) if label_colors else None
         hcmap = matplotlib.colormaps[heat_cmap].copy() if heat_cmap else None
         heat_norm = Normalize(*heat_range)
+        self._legend_handles: list[Patch] = []
         self.single = _Panel(self.fig, label_cmap, hcmap, heat_norm, base_cmap)
         self.planes = {v: _Panel(self.fig, label_cmap, hcmap, heat_norm, base_cmap) for v in VIEWS}
         self.cax_base = self.fig.add_axes((0, 0, 1, 1))
@@ -237,9 +242,11 @@ class _Renderer:
             self.fig.colorbar(self.single.heat, cax=self.cax_heat)
             self.cax_heat.set_title("heat map", fontsize=8)
         if label_entries:
-            handles = [Patch(facecolor=c, edgecolor="none", label=n) for n, c in label_entries]
-            self.fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.01, 0.0),
-                            ncol=min(len(handles), 6), fontsize=8, frameon=False)
+            shown = list(label_entries[:MAX_LEGEND])
+            if len(label_entries) > MAX_LEGEND:
+                shown.append((f"... {len(label_entries) - MAX_LEGEND} more labels", "white"))
+            self._legend_handles = [Patch(facecolor=c, edgecolor="none", label=n) for n, c in shown]
+        self._legend = None
         self.title = self.fig.text(0.01, 0.985, title or "", ha="left", va="top", fontsize=11)
         self.info = self.fig.text(0.99, 0.985, "", ha="right", va="top", fontsize=8, color="0.3")
         self.layout = ""
@@ -260,6 +267,14 @@ class _Renderer:
         self.cax_base.set_position((x0, y0, w, h))
         if self.cax_heat is not None:
             self.cax_heat.set_position((x0 + (0.08 if three else 0.11), y0, w, h))
+        if self._legend_handles:  # as many columns as fit the figure's width
+            if self._legend is not None:
+                self._legend.remove()
+            longest = max(len(h.get_label()) for h in self._legend_handles)
+            fit = int(self.fig.get_figwidth() * DPI / (5.5 * longest + 45))
+            self._legend = self.fig.legend(
+                handles=self._legend_handles, loc="lower left", bbox_to_anchor=(0.01, 0.0),
+                ncol=max(1, min(len(self._legend_handles), fit)), fontsize=8, frameon=False)
         self.layout = view
 
     def draw_panel(self, panel: _Panel, view: str, st: _DrawState) -> None:
@@ -409,9 +424,9 @@ class SliceViewer(widgets.VBox):
             _check_grid(lab_img, ref, "labels", f"the image (modality {ref_name!r})")
             lab = np.rint(np.asarray(lab_img.dataobj)).astype(np.int32)
             self._label_values = [int(v) for v in np.unique(lab) if v != 0]
-            index = np.zeros(lab.shape, np.float32)  # label value -> 1..n colour index
-            for n, value in enumerate(self._label_values, start=1):
-                index[lab == value] = n
+            # label value -> colour index 1..n (0 stays background)
+            index = np.searchsorted(np.array([0, *self._label_values]), np.where(lab == 0, 0, lab))
+            index = np.where(lab == 0, 0, index).astype(np.float32)
             self._labels, self._label_raw = index, lab
             palette = matplotlib.colormaps["tab10" if max(self._label_values, default=0) <= 10
                                            else "tab20"]
