@@ -188,7 +188,7 @@ def bootstrap_mean(values: Sequence[float] | np.ndarray, n_boot: int = 1000, see
 # --------------------------------------------------------------------------- classification
 
 
-def _as_proba(y_score: np.ndarray) -> np.ndarray:
+def as_proba(y_score: np.ndarray) -> np.ndarray:
     """(n,) positive-class scores or (n, K) class probabilities -> (n, K) with K >= 2."""
     s = np.asarray(y_score, dtype=float)
     if s.ndim == 1:
@@ -233,7 +233,7 @@ def predict_labels(y_score: np.ndarray, threshold: float | None = None) -> np.nd
         threshold: for two classes, the positive-class probability at or above
             which a case is called positive (default 0.5). Ignored for K > 2.
     """
-    proba = _as_proba(y_score)
+    proba = as_proba(y_score)
     if proba.shape[1] == 2:
         return (proba[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
     return proba.argmax(axis=1)
@@ -481,7 +481,7 @@ def classification_report(y_true: Sequence[int] | np.ndarray, y_score: Sequence[
         >>> r.value("sensitivity"), r.value("specificity"), r.value("roc_auc")
         (0.5, 1.0, 1.0)
     """
-    proba = _as_proba(y_score)
+    proba = as_proba(y_score)
     n, k = proba.shape
     y = _check_labels(y_true, k)
     if len(y) != n:
@@ -630,7 +630,7 @@ def choose_threshold(y_val: Sequence[int] | np.ndarray, score_val: Sequence[floa
         (0.6, 0.75, 1.0)
     """
     y = np.asarray(y_val, dtype=np.int64)
-    s = _as_proba(score_val)[:, 1]
+    s = as_proba(score_val)[:, 1]
     if not 0 < min_sensitivity <= 1:
         raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
     pos_scores = np.sort(s[y == 1])[::-1]
