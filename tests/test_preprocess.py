@@ -285,3 +285,24 @@ def test_command_line_preprocesses_a_file(tmp_path, capsys):
     assert pp.main([str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz"), "--spacing", "4", "--shape", "24"]) == 0
     assert nib.load(tmp_path / "out.nii.gz").shape == (24, 24, 24)
     assert pp.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "o.nii.gz")]) == 1
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_before_after_shows_the_same_point_in_mm_on_different_grids():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers import prepfigures
+
+    data, centre_mm = blob(sigma_mm=5)
+    res, res_aff = pp.resample(*pp.reorient(data, AFFINE), 3.0)
+    fig = prepfigures.before_after([("stored", data, AFFINE), ("resampled", res, res_aff)], world=centre_mm,
+                                   hist=True, overlays=[data > 0.5, res > 0.5])
+    images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert len(images) == 2
+    # both panels cut through the blob's centre: their brightest pixel is the blob's peak
+    assert all(float(np.max(im)) > 0.8 for im in images)
+    fig2 = prepfigures.montage([np.ones((4, 4)), np.zeros((4, 4))], [None, np.eye(4)], titles=["a", "b"], ncols=2)
+    assert len([ax for ax in fig2.axes if ax.images]) == 2
