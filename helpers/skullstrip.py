@@ -21,6 +21,8 @@ ordinary T1-weighted scans with a dark skull; it will fail on scans where scalp
 and brain touch with no dark layer between them, or on heavily biased images
 (correct the bias field first). Always look at the result.
 
+Command line: ``python -m helpers.skullstrip T1w.nii.gz brain_mask.nii.gz [--truth mask.nii.gz]``.
+
 Example:
     >>> import numpy as np
     >>> a = np.zeros((10, 10, 10), bool); a[2:8, 2:8, 2:8] = True
@@ -30,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -129,3 +133,32 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, bool)
     total = a.sum() + b.sum()
     return float(2.0 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m helpers.skullstrip IN OUT [--truth MASK]``: write a brain mask (and its Dice)."""
+    import nibabel as nib
+
+    from helpers.io import DataError, load_volume, save_nifti
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.skullstrip", description=main.__doc__)
+    parser.add_argument("input", help="a T1-weighted NIfTI volume")
+    parser.add_argument("output", help="where to write the brain mask (.nii.gz)")
+    parser.add_argument("--truth", help="a reference brain mask: print the Dice overlap")
+    args = parser.parse_args(argv)
+    try:
+        img = load_volume(args.input)
+        truth = load_volume(args.truth, allow_all_zero=True) if args.truth else None
+    except DataError as exc:
+        print(f"Problem: {exc}", file=sys.stderr)
+        return 1
+    mask, details = skull_strip(np.asarray(img.dataobj), img.affine, return_details=True)
+    save_nifti(nib.Nifti1Image(mask.astype(np.uint8), img.affine), args.output)
+    print(f"Wrote {args.output}: {int(mask.sum())} brain voxels (threshold scale {details['scale']})")
+    if truth is not None:
+        print(f"Dice vs {args.truth}: {dice(mask, np.asarray(truth.dataobj) > 0):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -306,3 +306,18 @@ def test_before_after_shows_the_same_point_in_mm_on_different_grids():
     assert all(float(np.max(im)) > 0.8 for im in images)
     fig2 = prepfigures.montage([np.ones((4, 4)), np.zeros((4, 4))], [None, np.eye(4)], titles=["a", "b"], ncols=2)
     assert len([ax for ax in fig2.axes if ax.images]) == 2
+
+
+def test_skullstrip_command_line(tmp_path, capsys):
+    import nibabel as nib
+
+    from helpers import skullstrip
+
+    img, aff, brain = head_phantom()
+    nib.save(nib.Nifti1Image(img, aff), tmp_path / "t1.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), tmp_path / "truth.nii.gz")
+    assert skullstrip.main([str(tmp_path / "t1.nii.gz"), str(tmp_path / "b.nii.gz"), "--truth",
+                            str(tmp_path / "truth.nii.gz")]) == 0
+    dice_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(dice_line.rsplit(" ", 1)[1]) > 0.9
+    assert skullstrip.main([str(tmp_path / "none.nii.gz"), str(tmp_path / "b.nii.gz")]) == 1
