@@ -28,7 +28,8 @@ The contract later notebooks and helpers build on:
 Reading a case into arrays for a model is :func:`helpers.preprocess.load_case`.
 
 Example:
-    >>> table = load_dataset("data/simulated/smoke")          # doctest: +SKIP
+    >>> from helpers.simulate import ensure_cohort
+    >>> table = load_dataset(ensure_cohort("smoke"))           # doctest: +SKIP
     >>> table.kind, table.modalities, table.dims               # doctest: +SKIP
     ('bids', ['T1w', 'T2w', 'FLAIR'], 3)
     >>> table.df.groupby("split").size()                       # doctest: +SKIP
@@ -277,6 +278,7 @@ def _read_bids(root: Path, label_column: str | None) -> tuple[pd.DataFrame, dict
         if len(dup):
             raise DataError(participants, f"duplicate subject row(s): {', '.join(map(str, dup.unique()))}")
         part = part.rename(columns={"participant_id": "subject"})
+        part["subject"] = [s if s.startswith("sub-") else f"sub-{s}" for s in part["subject"].astype(str)]
         label_column = label_column or next(
             (c for c in ("diagnosis", "label", "group", "dx") if c in part.columns), None
         )
@@ -676,8 +678,10 @@ def load_dataset(source: str | os.PathLike, kind: str | None = None, seed: int =
         source: a dataset folder (BIDS, Decathlon, BraTS, image folders) or a CSV manifest.
         kind: override the detected layout (one of ``KINDS``).
         seed: seed of the split (same seed, same split).
-        val_fraction, test_fraction: share of subjects for validation and test,
-            used only when the source has no split of its own.
+        val_fraction, test_fraction: share of subjects for validation and test
+            when the source has no split of its own. When it has one without a
+            validation side (e.g. Training/Testing folders), ``val_fraction`` of the
+            training subjects become the validation split; the test side is kept as given.
         label_column: the participants.tsv column holding the class (BIDS;
             default ``diagnosis`` if present).
         classes: the allowed class names, in order (default: sorted names found).

@@ -360,3 +360,11 @@ def test_affine_checked_with_nibabel_header_only(tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 1, 1, 1])), f)
     with pytest.raises(DataError, match="image affine differs"):
         load_dataset(root)
+
+
+def test_participant_ids_without_the_sub_prefix_still_match(tmp_path):
+    root = make_bids(tmp_path / "bids", n_subjects=4)
+    tsv = root / "participants.tsv"
+    tsv.write_text(tsv.read_text().replace("sub-", ""))
+    table = load_dataset(root)
+    assert set(table.df["label"]) == {"healthy", "tumour"} and table.df["site"].notna().all()
