@@ -97,7 +97,9 @@ def machine_facts() -> dict[str, Any]:
 def default_data_status() -> dict[str, Any]:
     """Whether the default simulated cohort has been generated yet, and where."""
     root = data_dir() / "simulated"
-    cohorts = sorted(p.parent for p in root.glob("**/dataset_description.json")) if root.exists() else []
+    found = root.glob("**/dataset_description.json") if root.exists() else []
+    # A cohort's derivatives (derivatives/labels) carry their own description: not a cohort.
+    cohorts = sorted(p.parent for p in found if "derivatives" not in p.relative_to(root).parts)
     return {"folder": root, "exists": bool(cohorts), "cohorts": cohorts}
 
 
