@@ -221,7 +221,7 @@ def test_ensure_cohort_takes_a_profile_and_reuses(data_home, tmp_path, capsys):
     assert default == data_home / "simulated" / "n4_4mm_seed8"
     from helpers.environment import default_data_status  # finds cohorts by dataset_description.json
 
-    assert default in default_data_status()["cohorts"]
+    assert default_data_status()["cohorts"] == [default]  # not its derivatives/labels
 
 
 def test_command_line(data_home, tmp_path, capsys):
