@@ -21,8 +21,8 @@ Command line::
 
 Example:
     >>> root = simulate_cohort("/tmp/tiny", n_subjects=4, spacing_mm=4, seed=0)  # doctest: +SKIP
-    >>> sorted(p.name for p in root.iterdir())[:3]                                # doctest: +SKIP
-    ['README', 'dataset_description.json', 'derivatives']
+    >>> sorted(p.name for p in root.glob("sub-*"))                               # doctest: +SKIP
+    ['sub-001', 'sub-002', 'sub-003', 'sub-004']
 """
 
 from __future__ import annotations
