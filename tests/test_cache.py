@@ -85,3 +85,23 @@ def test_dataset_and_loader(table, tmp_path):
     assert cache.stats["hits"] >= 2
     assert cache.size_bytes() > 0 and cache.clear() == len(table.df)
     assert np.isfinite(batch["image"].numpy()).all()
+
+
+def test_build_with_worker_processes_gives_the_same_entries(table, tmp_path):
+    serial = TensorCache(CFG, tmp_path / "serial", verbose=False)
+    serial.build(table, progress=False)
+    parallel = TensorCache(CFG, tmp_path / "parallel", verbose=False)
+    stats = parallel.build(table, workers=2)
+    assert stats["built"] == len(table.df)
+    for i in range(len(table.df)):
+        assert torch.equal(serial.get(table, i)["image"], parallel.get(table, i)["image"])
+    assert parallel.stats["hits"] == len(table.df)
+
+
+def test_command_line_fills_a_cache(table, tmp_path, capsys):
+    from helpers import cache as cache_module
+
+    CFG.save(tmp_path / "cfg.json")
+    assert cache_module.main([str(table.source), "--config", str(tmp_path / "cfg.json"),
+                              "--root", str(tmp_path / "c")]) == 0
+    assert "'built': 6" in capsys.readouterr().out
