@@ -36,6 +36,8 @@ from helpers.lesions import LABEL_PRECEDENCE, lesion_fractions, make_lesions
 ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS", "PIR", "SLA")
 """Header orientations used: the usual three plus two with permuted axes."""
 MODALITIES: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
+BRAIN_MARGIN_MM = 8.0
+"""Beyond this distance outside the brain the template's tissue maps are exactly empty."""
 FOV_MM = (196.0, 232.0, 188.0)
 FOV_ORIGIN = (-98.0, -134.0, -72.0)
 
@@ -132,8 +134,17 @@ def scan_subject(plan: SubjectPlan, spacing_mm: float, seed: int,
         u, healthy = warp.to_template((wx, wy, wz))
         coords = np.stack([inv[i, 0] * healthy[0] + inv[i, 1] * healthy[1] + inv[i, 2] * healthy[2] + inv[i, 3]
                            for i in range(3)])
-        sampled = {n: ndi.map_coordinates(tpl.channel(n), coords, order=1, prefilter=False,
-                                          cval=cvals.get(n, 0.0), output=np.float32) for n in names}
+        sampled = {"sdist": ndi.map_coordinates(tpl.channel("sdist"), coords, order=1, prefilter=False,
+                                                cval=cvals["sdist"], output=np.float32)}
+        # Tissue maps are exactly 0 (texture exactly 1) more than a few mm outside the
+        # brain: sample them only nearer than BRAIN_MARGIN_MM (same values, half the work).
+        near = sampled["sdist"] < BRAIN_MARGIN_MM
+        points = coords[:, near]
+        for n in names[:3] + names[4:]:
+            full = np.full(shape, cvals.get(n, 0.0), np.float32)
+            full[near] = ndi.map_coordinates(tpl.channel(n), points, order=1, prefilter=False,
+                                             cval=cvals.get(n, 0.0), output=np.float32)
+            sampled[n] = full
         fracs = lesion_fractions(lesions, u, sampled, edge_mm=float(voxel.mean()))
         for key, value in [*sampled.items(), *fracs.items()]:
             acc[key] = acc[key] + value if key in acc else value

@@ -57,7 +57,7 @@ __all__ = [
     "subject_files", "main",
 ]
 
-SIM_VERSION = "1.1"
+SIM_VERSION = "1.2"
 """Version of the generator, stored in the manifest. Bump it whenever the images change:
 a cohort made by another version is remade in place (same folder, same settings)."""
 
