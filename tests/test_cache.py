@@ -105,3 +105,13 @@ def test_command_line_fills_a_cache(table, tmp_path, capsys):
     assert cache_module.main([str(table.source), "--config", str(tmp_path / "cfg.json"),
                               "--root", str(tmp_path / "c")]) == 0
     assert "'built': 6" in capsys.readouterr().out
+
+
+def test_2d_image_folder_through_the_cache(tmp_path):
+    from datafixtures import make_imagefolder
+
+    table2d = load_dataset(make_imagefolder(tmp_path / "img", with_splits=True))
+    cache = TensorCache(PreprocessConfig(shape=(1, 16, 16)), tmp_path / "cache", verbose=False)
+    batch = next(iter(torch.utils.data.DataLoader(CaseDataset(table2d, "train", cache), batch_size=3)))
+    assert batch["image"].shape == (3, 1, 16, 16) and "mask" not in batch
+    assert set(batch["label"].tolist()) <= {0, 1, 2}
