@@ -35,6 +35,22 @@ HIST_RANGE = (-3.0, 4.0)
 """Histogram range, in z-score units (intensities normalised per brain)."""
 
 
+def inner_mask(head: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """The head mask shrunk by ``fraction`` of the image edge, to leave out scalp and skull.
+
+    Bright scalp fat otherwise dominates the top of the intensity histogram and
+    hides a bright lesion (measured in notebook 03: whole-head features scored
+    near chance). A cheap stand-in for skull stripping, which costs seconds per scan.
+
+    Example:
+        >>> m = np.ones((20, 20, 20), bool)
+        >>> int(inner_mask(m, 0.1).sum())    # 2 voxels off every side
+        4096
+    """
+    iterations = max(1, round(fraction * max(head.shape)))
+    return ndimage.binary_erosion(np.asarray(head, bool), iterations=iterations, border_value=0)
+
+
 def histogram_features(channel: np.ndarray, brain: np.ndarray, bins: int = 12,
                        value_range: tuple[float, float] = HIST_RANGE) -> np.ndarray:
     """Share of brain voxels per intensity bin (values outside the range go to the end bins)."""

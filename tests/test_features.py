@@ -73,3 +73,11 @@ def test_classical_models_are_compared_with_cross_validation_inside_the_training
     y3[:40][np.flatnonzero(y3[:40] == 1)[2:]] = 0
     table3, _ = features.compare_classifiers(x[:40], y3[:40], x[40:], y[40:], cv_folds=5)
     assert (table3["folds"] == 2).all()
+
+
+def test_inner_mask_removes_the_rim_of_the_head():
+    vol, brain = brain_volume(size=20)
+    inner = features.inner_mask(brain, 0.1)
+    assert inner.sum() < brain.sum() and not (inner & ~brain).any()
+    rim = brain & ~inner
+    assert rim[0:3].sum() > 0 or rim[:, 0:3].sum() > 0  # the shell is what went
