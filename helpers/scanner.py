@@ -103,6 +103,12 @@ def scan_subject(plan: SubjectPlan, spacing_mm: float, seed: int,
                  tpl: anatomy.Template | None = None) -> dict[str, Any]:
     """Make one subject's images and label maps in memory.
 
+    Args:
+        plan: who the subject is (diagnosis, age, sex, site, orientation, subtlety).
+        spacing_mm: the cohort's base voxel spacing (the site may enlarge it).
+        seed: the cohort seed; with ``plan.index`` it seeds everything random here.
+        tpl: the template maps at ``spacing_mm`` (default: loaded or built once).
+
     Returns:
         a dict with ``images`` (modality -> float32 array), ``labels`` (name ->
         uint8 array: ``dseg``, ``brain_mask``, ``tissue``), ``affine`` (shared by
