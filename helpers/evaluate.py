@@ -436,6 +436,35 @@ def case_spacings(data: RunData, split: str = "test") -> list[tuple[float, float
     return out
 
 
+def case_data(data: RunData, subject: str) -> dict[str, Any]:
+    """One subject as the model saw it (the run's preprocessing), ready for the slice browser.
+
+    Returns:
+        dict with ``image`` ``(C, X, Y, Z)``, ``mask`` (label map or None), ``affine``
+        of the preprocessed grid, ``images`` ``{modality: (array, affine)}`` and
+        ``labels`` ``(mask, affine)`` for ``helpers.viewer.show``.
+
+    Example:
+        >>> case = case_data(result.data, "sub-007")                          # doctest: +SKIP
+        >>> viewer.show(case["images"], labels=case["labels"])                # doctest: +SKIP
+    """
+    from helpers.cache import TensorCache
+    from helpers.preprocess import PreprocessConfig
+
+    df = data.table.df
+    rows = df[df["subject"].astype(str) == str(subject)]
+    if rows.empty:
+        raise ValueError(f"no subject {subject!r} in {data.table.source}")
+    cache = TensorCache(PreprocessConfig.from_dict(data.prep.preprocess["pipeline"]), verbose=False)
+    item = cache.get(data.table, rows.iloc[0])
+    image = item["image"].numpy()
+    mask = item["mask"].numpy() if item["mask"] is not None else None
+    affine = np.asarray(item["geometry"]["affine"], dtype=float)
+    return {"image": image, "mask": mask, "affine": affine,
+            "images": {m: (image[i], affine) for i, m in enumerate(data.table.modalities)},
+            "labels": (mask.astype(np.int16), affine) if mask is not None else None}
+
+
 def evaluate_run(run_dir: str | Path, source: str | Path | None = None, out: str | Path | None = None,
                  n_boot: int = 1000, seed: int = 0, min_sensitivity: float = 0.95, write: bool = True,
                  device=None, verbose: bool = True) -> RunEvaluation:
@@ -513,12 +542,14 @@ def summary_text(result: RunEvaluation) -> str:
 
 def write_evaluation(result: RunEvaluation, out: str | Path) -> list[Path]:
     """Write ``metrics.json`` and the figures (PNG) of an evaluation into ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from helpers import plots
+
+    def subplots(figsize: tuple[float, float]):
+        # A bare Figure (no pyplot): nothing is shown in a notebook and no backend is changed.
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, fig.add_subplot()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -531,7 +562,6 @@ def write_evaluation(result: RunEvaluation, out: str | Path) -> list[Path]:
     def save(fig, name: str) -> None:
         path = out / name
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         files.append(path)
 
     if result.classification is not None:
@@ -541,17 +571,17 @@ def write_evaluation(result: RunEvaluation, out: str | Path) -> list[Path]:
         for name, draw in (("confusion.png", lambda ax: plots.plot_confusion(r, ax)),
                            ("roc.png", lambda ax: plots.plot_roc(r, op, ax)),
                            ("pr.png", lambda ax: plots.plot_pr(r, op, ax))):
-            fig, ax = plt.subplots(figsize=(5, 4.4), layout="constrained")
+            fig, ax = subplots((5, 4.4))
             draw(ax)
             save(fig, name)
         if "calibration" in r.curves:
-            fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
+            fig, ax = subplots((5, 4.6))
             plots.plot_reliability(r, ax)
             save(fig, "calibration.png")
     else:
         ev = result.segmentation
         payload.update(ev.as_dict())
-        fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
+        fig, ax = subplots((6, 4.2))
         plots.plot_bland_altman(ev.bland_altman, ax)
         save(fig, "bland_altman.png")
     write_json(out / "metrics.json", payload)
@@ -763,13 +793,21 @@ def comparison_table(entries: Sequence[dict[str, Any]], n_boot: int = 1000, seed
     return pd.DataFrame(rows)
 
 
+def format_intervals(table: pd.DataFrame, metrics: Sequence[str], keep: Sequence[str] = ()) -> pd.DataFrame:
+    """Columns ``m``, ``m low``, ``m high`` as one readable column ``0.91 [0.85-0.96]`` each.
+
+    Missing values (a group without lesions has no sensitivity) show as ``-``.
+    """
+    out = table[list(keep)].copy()
+    for m in metrics:
+        out[m] = ["-" if not np.isfinite(v) else f"{v:.2f} [{lo:.2f}-{hi:.2f}]" if np.isfinite(lo)
+                  else f"{v:.2f}" for v, lo, hi in zip(table[m], table[f"{m} low"], table[f"{m} high"], strict=True)]
+    return out
+
+
 def format_table(table: pd.DataFrame, metrics: Sequence[str] = COMPARISON_METRICS) -> pd.DataFrame:
     """The comparison table for people: ``0.91 [0.85-0.96]`` per score."""
-    out = table[["approach", "test subjects"]].copy()
-    for m in metrics:
-        if m in table.columns:
-            out[m] = [f"{v:.2f} [{lo:.2f}-{hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
-                      for v, lo, hi in zip(table[m], table[f"{m} low"], table[f"{m} high"], strict=True)]
+    out = format_intervals(table, [m for m in metrics if m in table.columns], ["approach", "test subjects"])
     out["parameters"] = [f"{int(p):,}" for p in table["parameters"]]
     out["train seconds"] = table["train seconds"].round(1)
     return out.set_index("approach")
