@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -322,3 +323,40 @@ def subject_scores(probs: torch.Tensor, subjects: Sequence[str], reduce: str = "
         out.setdefault(s, []).append(p)
     fn = (lambda t: t.max(0).values) if reduce == "max" else (lambda t: t.mean(0))
     return {s: fn(torch.stack(v)) for s, v in out.items()}
+
+
+def export_png_slices(prep: Prepared, folder: str | os.PathLike, channel: int | None = None,
+                      max_per_split: int | None = None) -> Path:
+    """Write the slices of a ``slices`` dataset as 8-bit PNG files in class folders.
+
+    The layout is ``folder/<split>/<class>/<sample>.png`` (split ``train``, ``val``,
+    ``test``), which :func:`helpers.datasets.load_dataset` reads back as an image
+    collection with the same subject-wise split, so slices of one subject never
+    end up on both sides. This is how the series shows 2D training "from image
+    files" on data that ships with it.
+
+    Args:
+        prep: the result of :func:`prepare` with ``input="slices"``.
+        folder: where to write (created).
+        channel: which contrast to keep (default FLAIR if present, else the first).
+        max_per_split: keep at most this many slices per split (None: all).
+    """
+    from PIL import Image
+
+    if prep.input != "slices" or prep.task != "classify":
+        raise ValueError("export_png_slices needs prepare(..., task='classify', input='slices')")
+    folder = Path(folder)
+    if channel is None:
+        channel = prep.modalities.index("FLAIR") if "FLAIR" in prep.modalities else 0
+    for split in ("train", "val", "test"):
+        data = getattr(prep, split)
+        count = len(data) if max_per_split is None else min(len(data), max_per_split)
+        for i in range(count):
+            img = data.x[i, channel].numpy()
+            lo, hi = np.percentile(img, [0.5, 99.5])
+            png = np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+            name = str(data.ids[i]).replace(":", "_").replace(os.sep, "_")
+            target = folder / split / prep.classes[int(data.y[i])] / f"{name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.flipud(png.T)).save(target)
+    return folder

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import train
-from helpers.training_data import flip_left_right, healthy_class, prepare
+from helpers.training_data import export_png_slices, flip_left_right, healthy_class, prepare
 
 
 def make_bids(root, n=16, size=20, seed=0):
@@ -132,3 +132,18 @@ def test_helpers_for_labels_and_flips():
     assert torch.equal(fx, torch.flip(x, dims=[2])) and torch.equal(fy, torch.flip(y, dims=[1]))
     same_x, same_y = flip_left_right(x, y, p=0.0)
     assert torch.equal(same_x, x) and torch.equal(same_y, y)
+
+
+def test_exported_png_slices_read_back_with_the_same_split(isolated):
+    from helpers.datasets import load_dataset
+
+    bids = make_bids(isolated / "bids")
+    prep = prepare(bids, profile="smoke", input="slices", n_slices=6, verbose=False)
+    folder = export_png_slices(prep, isolated / "png")
+    table = load_dataset(folder)
+    assert table.kind == "imagefolder" and table.dims == 2
+    counts = table.df["split"].value_counts().to_dict()
+    assert counts == {s: len(getattr(prep, s)) for s in ("train", "val", "test")}
+    back = prepare(table, profile="smoke", labels="diagnosis", verbose=False)
+    assert sorted(back.classes) == sorted(set(prep.classes[int(v)] for v in prep.train.y))
+
