@@ -54,6 +54,13 @@ def full_suffix(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
+def _default_mode() -> int:
+    """The permissions a plain ``open()`` would give a new file (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; move it onto ``path`` only on success.
@@ -74,6 +81,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; finished files get the usual mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -99,6 +107,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

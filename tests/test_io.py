@@ -84,3 +84,16 @@ def test_checksum_changes_with_content(tmp_path):
     assert first == sha256_file(a)
     save_nifti(_img(np.zeros((6, 7, 8), np.float32) + 1), a)
     assert sha256_file(a) != first
+
+
+def test_finished_files_get_the_usual_permissions_not_mkstemp_private_ones(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "shared.json", {"a": 1})
+        nifti = save_nifti(_img(), tmp_path / "shared.nii.gz")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert nifti.stat().st_mode & 0o777 == 0o644
