@@ -441,7 +441,7 @@ def case_data(data: RunData, subject: str) -> dict[str, Any]:
 
     Returns:
         dict with ``image`` ``(C, X, Y, Z)``, ``mask`` (label map or None), ``affine``
-        of the preprocessed grid, ``images`` ``{modality: (array, affine)}`` and
+        of the preprocessed grid, ``images`` ``{modality: (array, affine)}`` (FLAIR first) and
         ``labels`` ``(mask, affine)`` for ``helpers.viewer.show``.
 
     Example:
@@ -461,7 +461,9 @@ def case_data(data: RunData, subject: str) -> dict[str, Any]:
     mask = item["mask"].numpy() if item["mask"] is not None else None
     affine = np.asarray(item["geometry"]["affine"], dtype=float)
     return {"image": image, "mask": mask, "affine": affine,
-            "images": {m: (image[i], affine) for i, m in enumerate(data.table.modalities)},
+            # FLAIR first: the static view shows the first modality, and lesions are brightest there.
+            "images": {m: (image[i], affine) for i, m in sorted(enumerate(data.table.modalities),
+                                                                key=lambda im: im[1] != "FLAIR")},
             "labels": (mask.astype(np.int16), affine) if mask is not None else None}
 
 
