@@ -549,6 +549,21 @@ def _in_notebook() -> bool:
 # --------------------------------------------------------------------------- the engine
 
 
+def set_memory_format(model: nn.Module, speed: Any) -> nn.Module:
+    """Store 2D and 3D convolution weights channels-last when ``speed.channels_last`` says so.
+
+    Works per weight (4D weights get ``channels_last``, 5D ``channels_last_3d``), so
+    models that mix 2D and 3D layers, like the CNN + GRU, are handled too.
+    """
+    if not speed.channels_last:
+        return model
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.ndim in (4, 5):
+                param.data = param.data.contiguous(memory_format=speed.memory_format(param.ndim - 2))
+    return model
+
+
 def lr_schedule(warmup_steps: int, total_steps: int) -> list[float]:
     """The learning-rate factor (times the peak rate) at every step: linear warm-up, then cosine.
 
@@ -567,19 +582,25 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: 
     A sanity check before any real training: a model that cannot drive the loss
     on a handful of samples towards zero has a bug (wrong shapes, labels, or a
     broken layer). Dropout is switched off (eval mode for dropout only) so the
-    curve is smooth; batch norm still learns.
+    curve is smooth; batch norm still learns. Mixed precision and memory format
+    follow ``speed_settings`` as in :func:`fit`.
     """
     device = device or get_device(verbose=False)
     model = model.to(device).train()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    x, y = x.to(device), y.to(device)
+    speed = speed_settings(device)
+    fmt = speed.memory_format(x.ndim - 2)
+    model = set_memory_format(model, speed)
+    x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
     loss_fn = TaskLoss(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        loss = loss_fn(model(x), y)
+        with speed.autocast():
+            logits = model(x)
+        loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -658,7 +679,7 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
 
     set_seed(config.seed, verbose=False)
     fmt = speed.memory_format(train.dims)
-    model = model.to(device, memory_format=fmt)
+    model = set_memory_format(model.to(device), speed)
     train, val = train.to(device), val.to(device)
 
     weight = class_weights(train.y, num_classes).to(device) \

@@ -258,3 +258,16 @@ def test_profile_settings():
                                                                           smoke.max_train_seconds, 5e-4)
     with pytest.raises(ValueError, match="task"):
         train.TrainConfig(task="detect")
+
+
+@pytest.mark.parametrize("name", ["cnn_gru", "mlp"])
+def test_every_3d_model_trains_through_the_engine(name):
+    # cnn_gru mixes 2D weights with 3D inputs: channels-last must be set per weight
+    data, val = blobs(8, seed=1), blobs(4, seed=2)
+    torch.manual_seed(0)
+    model = build_model(name, 1, 2, dims=3, depth=2, width=4)
+    result = train.fit(model, data, val, config(epochs=1, batch_size=4), progress=False)
+    assert len(result.history) == 1
+    losses = train.overfit_one_batch(build_model(name, 1, 2, dims=3, depth=2, width=4), data.x[:4], data.y[:4],
+                                     steps=3, device=torch.device("cpu"))
+    assert len(losses) == 3 and all(np.isfinite(losses))
