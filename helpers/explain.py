@@ -19,6 +19,10 @@ randomisation test" of Adebayo et al. 2018, *Sanity checks for saliency maps*):
 a method whose maps look the same for a trained and a random model is showing the
 image, not the model's reasoning.
 
+Command line (a heat map for one subject of a trained 3D run, as NIfTI and PNG)::
+
+    python -m helpers.explain --run runs/NAME --subject sub-003 [--method occlusion] [--out DIR]
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -31,9 +35,12 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -340,3 +347,64 @@ def sanity_check(model: nn.Module, images: torch.Tensor | np.ndarray,
         "rank_correlation": float(np.mean(corr)) if corr else math.nan,
         "heat_trained": heat_t, "heat_random": heat_r,
     }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m helpers.explain --run runs/NAME --subject SUB [--method grad_cam|occlusion] [--out DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.explain",
+        description="Explain a trained 3D classifier's decision for one subject: writes the heat map and "
+                    "the preprocessed scan as NIfTI (same grid) and a three-plane PNG.")
+    parser.add_argument("--run", required=True, help="the run folder written by helpers.train")
+    parser.add_argument("--subject", required=True, help="a subject of the run's dataset, e.g. sub-003")
+    parser.add_argument("--method", default="grad_cam", choices=("grad_cam", "occlusion"))
+    parser.add_argument("--class-index", type=int, default=None,
+                        help="class to explain (default: the predicted class)")
+    parser.add_argument("--patch", type=int, default=None, help="occlusion cube edge (default: volume edge / 4)")
+    parser.add_argument("--data", default=None, help="dataset (default: the one the run was trained on)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/explain)")
+    args = parser.parse_args(argv)
+
+    import nibabel as nib
+
+    from helpers.evaluate import case_data, load_run_data
+    from helpers.io import DataError, save_nifti
+    from helpers.viewer import SliceViewer
+
+    try:
+        data = load_run_data(args.run, args.data)
+        if data.prep.input != "volume" or data.checkpoint["task"] != "classify":
+            raise ValueError(f"{args.run}: the command line explains 3D classifiers (volume input); "
+                             "use grad_cam() in Python for slice models")
+        case = case_data(data, args.subject)
+    except (DataError, ValueError) as exc:
+        print(f"Problem: {exc}", file=sys.stderr)
+        return 1
+    x = torch.from_numpy(case["image"])[None]
+    if args.method == "grad_cam":
+        heat = grad_cam(data.model, x, class_index=args.class_index, normalize=True)[0]
+    else:
+        patch = args.patch or max(4, x.shape[-1] // 4)
+        heat = occlusion(data.model, x, class_index=args.class_index, patch=patch, stride=max(1, patch // 2))[0]
+    out = Path(args.out) if args.out else Path(args.run) / "explain"
+    stem = f"{args.subject}_{args.method}"
+    affine = case["affine"]
+    save_nifti(nib.Nifti1Image(heat.astype(np.float32), affine), out / f"{stem}.nii.gz")
+    modalities = list(case["images"])
+    save_nifti(nib.Nifti1Image(np.stack([case["images"][m][0] for m in modalities], -1).astype(np.float32),
+                               affine), out / f"{args.subject}_preprocessed.nii.gz")
+    viewer = SliceViewer(case["images"], heatmap=(heat, affine), labels=case["labels"],
+                         label_names=data.table.label_names, title=f"{args.method}: {args.subject}",
+                         heatmap_threshold=0.0 if args.method == "occlusion" else 0.2)
+    viewer.save(out / f"{stem}.png")
+    viewer.close()
+    print(f"heat map {out / (stem + '.nii.gz')} (on the preprocessed grid; channels of "
+          f"{args.subject}_preprocessed.nii.gz: {', '.join(modalities)}); figure {out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -194,3 +194,31 @@ def test_heat_in_mask_and_chance_level():
     assert np.isnan(E.heat_in_mask(np.zeros((10, 10)), mask))
     with pytest.raises(ValueError, match="shape"):
         E.heat_in_mask(heat, mask[:5])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_command_line_writes_heat_map_scan_and_figure(tmp_path, monkeypatch, capsys):
+    import nibabel as nib
+    from datafixtures import make_bids
+
+    from helpers import evaluate
+    from helpers.runtime import get_profile
+
+    monkeypatch.setenv("BRAINMRI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BRAINMRI_RUNS", str(tmp_path / "runs"))
+    root = make_bids(tmp_path / "bids", n_subjects=12)
+    profile = get_profile("smoke", volume_size=12, epochs=1, max_train_seconds=20)
+    run = evaluate.ensure_run(root, profile, "cnn", depth=2, width=4, verbose=False)
+    out = tmp_path / "explained"
+    for method in ("grad_cam", "occlusion"):
+        assert E.main(["--run", str(run), "--subject", "sub-001", "--method", method,
+                       "--class-index", "1", "--out", str(out)]) == 0
+        heat = nib.load(out / f"sub-001_{method}.nii.gz")
+        scan = nib.load(out / "sub-001_preprocessed.nii.gz")
+        assert heat.shape == scan.shape[:3] == (12, 12, 12)
+        np.testing.assert_allclose(heat.affine, scan.affine)
+        assert (out / f"sub-001_{method}.png").stat().st_size > 0
+    assert E.main(["--run", str(run), "--subject", "sub-999"]) == 1
+    assert "no subject" in capsys.readouterr().err
