@@ -766,7 +766,8 @@ def comparison_table(entries: Sequence[dict[str, Any]], n_boot: int = 1000, seed
         entries: dicts from :func:`classical_entries` and :func:`run_entry` (or
             your own with ``approach``, ``y_test``, ``p_test``, ``parameters``,
             ``train_seconds``, and optionally ``subjects``).
-        n_boot, seed: bootstrap settings (the same resamples for every approach).
+        n_boot, seed: bootstrap settings. Entries are put in the first entry's subject
+            order, so every row is scored on the same resamples.
         metrics: scores to tabulate (macro averages for more than two classes).
 
     Returns:
@@ -775,15 +776,19 @@ def comparison_table(entries: Sequence[dict[str, Any]], n_boot: int = 1000, seed
     """
     rows, reference = [], None
     for e in entries:
+        y, p = np.asarray(e["y_test"]), np.asarray(e["p_test"])
         subjects = e.get("subjects")
         if subjects is not None:
-            key = sorted(map(str, subjects))
+            subjects = [str(s) for s in subjects]
             if reference is None:
-                reference = key
-            elif key != reference:
+                reference = subjects
+            elif sorted(subjects) != sorted(reference):
                 raise ValueError(f"{e['approach']}: its test subjects differ from the first entry's; "
                                  "compare approaches on the same subjects")
-        r = M.classification_report(e["y_test"], e["p_test"], n_boot=n_boot, seed=seed)
+            else:  # same subjects in the first entry's order: the same resamples for every row
+                order = [subjects.index(s) for s in reference]
+                y, p = y[order], p[order]
+        r = M.classification_report(y, p, n_boot=n_boot, seed=seed)
         row: dict[str, Any] = {"approach": e["approach"], "test subjects": r.n_cases}
         for m in metrics:
             scope = "overall" if len(r.class_names) == 2 or m in ("roc_auc", "accuracy") else "macro"

@@ -175,3 +175,15 @@ def test_segmentation_run_end_to_end(tiny):
 def test_cli_names_the_problem_for_a_folder_without_a_run(tmp_path, capsys):
     assert EV.main(["--run", str(tmp_path)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_comparison_rows_use_the_same_resamples_whatever_the_subject_order():
+    y, p = scores(30, 4)
+    subjects = [f"s{i}" for i in range(30)]
+    order = np.random.default_rng(0).permutation(30)
+    table = EV.comparison_table([entry("a", y, p, subjects),
+                                 entry("a shuffled", y[order], p[order], [subjects[i] for i in order])],
+                                n_boot=200)
+    a, b = table.iloc[0], table.iloc[1]
+    for col in ("roc_auc", "roc_auc low", "roc_auc high", "f1 low", "f1 high"):
+        assert a[col] == pytest.approx(b[col]), col
