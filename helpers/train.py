@@ -506,6 +506,10 @@ def plot_history(history: Sequence[dict[str, Any]], monitor: str | None = None, 
                 title=f"Validation (early stopping on {monitor})" if monitor else "Validation")
     if names:
         axes[1].legend(loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return fig

@@ -120,10 +120,13 @@ def preprocess_config(profile: Profile, input: str = "volume", n_slices: int = 1
     """The pipeline for a profile: RAS, the profile's spacing, crop to the head, z-score, fixed shape.
 
     Volumes are resized (stretched) to ``volume_size`` per axis; slices to
-    ``slice_size`` in-plane with ``n_slices`` axial positions.
+    ``slice_size`` in-plane with ``n_slices`` axial positions; 2D image files to
+    ``slice_size`` squared.
     """
     if input == "volume":
         shape = (profile.volume_size,) * 3
+    elif input == "image":  # 2D files: load_case resizes them to the last two sizes
+        shape = (1, profile.slice_size, profile.slice_size)
     else:
         shape = (profile.slice_size, profile.slice_size, n_slices)
     return PreprocessConfig(orientation="RAS", spacing=profile.spacing_mm, crop=True, normalise="zscore",
@@ -192,7 +195,7 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
         raise ValueError(f"input={input!r} does not fit {table.dims}D data from {table.source}")
     if task == "segment" and not table.df["mask"].astype(str).str.len().gt(0).any():
         raise ValueError(f"{table.source}: no lesion masks found, so there is nothing to segment")
-    config = preprocess_config(profile, "volume" if input == "volume" else "slices", n_slices)
+    config = preprocess_config(profile, input, n_slices)
     tensor_cache = None
     if cache:
         from helpers.cache import TensorCache

@@ -72,6 +72,10 @@ def test_cli_classifies_volumes_and_writes_a_complete_run_folder(isolated, capsy
     assert {"validation", "test"} <= set(metrics) and "auc" in metrics["test"]
     model, ckpt = train.load_run(run, device=torch.device("cpu"))
     assert ckpt["classes"] == ["healthy", "lesion"]
+    from helpers.runtime import get_profile
+
+    size = get_profile("smoke").slice_size
+    assert ckpt["preprocess"]["pipeline"]["shape"][-2:] == [size, size]
     assert ckpt["preprocess"]["input"] == "volume" and ckpt["preprocess"]["pipeline"]["orientation"] == "RAS"
     assert ckpt["model_config"]["name"] == "cnn" and ckpt["model_config"]["in_channels"] == 2
     assert "Run folder" in capsys.readouterr().out
