@@ -99,7 +99,7 @@ class LoadedRun:
         input: ``volume`` (3D model) or ``slices`` (2D model on axial slices).
         config: the preprocessing pipeline saved with the checkpoint.
         record: the whole preprocessing record of the checkpoint.
-        mixed_precision: the run's training setting, reused at inference.
+        mixed_precision: compute in reduced precision (see :func:`load_model`).
     """
 
     run_dir: Path
@@ -117,8 +117,16 @@ class LoadedRun:
         return self.run_dir.name
 
 
-def load_model(run: str | os.PathLike | LoadedRun, device: torch.device | None = None) -> LoadedRun:
+def load_model(run: str | os.PathLike | LoadedRun, device: torch.device | None = None,
+               mixed_precision: bool = False) -> LoadedRun:
     """Load a run folder (or checkpoint file) written by :mod:`helpers.train` for inference.
+
+    Args:
+        run: the run folder or its ``checkpoint.pt``.
+        device: where to run it (default ``helpers.runtime.get_device()``).
+        mixed_precision: compute in bf16/fp16 where the device supports it and the
+            run was trained so (faster, last digits differ); default float32, which
+            matches the exported TorchScript/ONNX files and any other machine.
 
     Raises:
         DataError: no checkpoint, or one without the preprocessing record.
@@ -142,7 +150,7 @@ def load_model(run: str | os.PathLike | LoadedRun, device: torch.device | None =
     return LoadedRun(run_dir, model, ckpt["task"], list(ckpt.get("classes") or []),
                      list(record.get("modalities") or []), record["input"],
                      PreprocessConfig.from_dict(record["pipeline"]), record,
-                     bool(train_cfg.get("mixed_precision", True)))
+                     mixed_precision and bool(train_cfg.get("mixed_precision", True)))
 
 
 def required_modalities(runs: Sequence[LoadedRun]) -> list[str]:
@@ -369,6 +377,7 @@ def read_case(case: Case, needed: Sequence[str]) -> tuple[np.ndarray, nib.Nifti1
                 check_scan(data[..., k], img.affine, path)
             ref = nib.Nifti1Image(data[..., 0], img.affine, img.header)
             return np.ascontiguousarray(np.moveaxis(data, -1, 0)), ref
+        check_scan(data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data, img.affine, path)
         raise DataError(path, f"one file, but the model expects {len(needed)} modalities ({', '.join(needed)}); "
                               f"{_how_to_pass(needed)}")
     for path in case.files.values():
@@ -404,13 +413,15 @@ def _forward(run: LoadedRun, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
                          device=device, mixed_precision=run.mixed_precision).numpy()
 
 
-def run_model(run: LoadedRun, image: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
+def run_model(run: LoadedRun, image: np.ndarray, affine: np.ndarray, pre: Any = None) -> dict[str, Any]:
     """Preprocess one scan with the run's saved pipeline and run the model.
 
     Args:
         run: a :class:`LoadedRun`.
         image: ``(C, X, Y, Z)`` in the run's modality order, as stored.
         affine: its voxel -> mm matrix.
+        pre: the result of ``run.config.apply(image, affine)`` if already computed
+            (two runs with the same pipeline share it).
 
     Returns:
         ``probabilities`` (classifier, ``(K,)``) or ``lesion_prob`` (segmenter, on
@@ -418,9 +429,9 @@ def run_model(run: LoadedRun, image: np.ndarray, affine: np.ndarray) -> dict[str
         and ``seconds`` for preprocessing and the model.
     """
     t0 = time.perf_counter()
-    pre = run.config.apply(image, affine)
+    pre = run.config.apply(image, affine) if pre is None else pre
     t1 = time.perf_counter()
-    out: dict[str, Any] = {"geometry": pre.geometry}
+    out: dict[str, Any] = {"geometry": pre.geometry, "preprocessed": pre}
     if run.input == "volume":
         probs = _forward(run, pre.image[None])[0]
     else:  # 2D model on the axial slices of the resized volume
@@ -451,6 +462,51 @@ def _healthy_index(classes: Sequence[str]) -> int | None:
         return list(classes).index(healthy_class(classes))
     except ValueError:
         return None
+
+
+# --------------------------------------------------------------------------- back to the original grid
+
+
+def _interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``arr`` along one axis at fractional voxel ``coords`` (zeros outside)."""
+    n = arr.shape[axis]
+    pad = [(0, 0)] * arr.ndim
+    pad[axis] = (1, 1)
+    padded = np.pad(arr, pad)
+    c = np.clip(coords + 1.0, 0.0, n + 1.0)
+    i0 = np.clip(np.floor(c).astype(np.int64), 0, n)
+    w = (c - i0).astype(np.float32)
+    view = [1] * arr.ndim
+    view[axis] = len(coords)
+    w = w.reshape(view)
+    return np.take(padded, i0, axis=axis) * (1 - w) + np.take(padded, i0 + 1, axis=axis) * w
+
+
+def to_original(prob: np.ndarray, geometry: Any) -> np.ndarray:
+    """A probability map on the preprocessed grid, mapped onto the original scan's voxels (linear).
+
+    The same result as :func:`helpers.preprocess.to_original_grid` with ``order=1``
+    (trilinear, zero outside the preprocessed box), computed axis by axis: the
+    pipeline's geometric steps (reorientation, resampling, cropping, resizing) are
+    each a flip, swap, scale or shift of voxel axes *relative to the scan's own
+    affine*, so the map from original voxels to preprocessed voxels is separable,
+    even for oblique scans. Three 1D interpolations replace one 3D ``grid_sample``
+    over millions of voxels (about 10x faster for a 1 mm scan). Falls back to
+    ``to_original_grid`` if the map is not separable.
+    """
+    from helpers.preprocess import to_original_grid
+
+    m = np.linalg.inv(np.asarray(geometry.affine, float)) @ np.asarray(geometry.original_affine, float)
+    lin = m[:3, :3]
+    big = np.abs(lin) > 1e-6 * np.abs(lin).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return to_original_grid(prob, geometry, order=1)
+    src = np.argmax(big, axis=0)  # preprocessed axis feeding each original axis
+    out = np.transpose(np.asarray(prob, dtype=np.float32), src)
+    for axis, j in enumerate(src):
+        n = int(geometry.original_shape[axis])
+        out = _interp_axis(out, axis, lin[j, axis] * np.arange(n) + m[j, 3])
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- one case
@@ -530,8 +586,6 @@ def predict_case(case: Case, runs: Sequence[LoadedRun], out: str | os.PathLike |
 
     Never raises for a bad scan: the error goes into the result (``status="error"``).
     """
-    from helpers.preprocess import to_original_grid
-
     needed = required_modalities(runs)
     result = CaseResult(case.name, inputs={k: str(v) for k, v in case.files.items()})
     t_start = time.perf_counter()
@@ -542,9 +596,12 @@ def predict_case(case: Case, runs: Sequence[LoadedRun], out: str | os.PathLike |
         affine = np.asarray(ref.affine, dtype=np.float64)
         shape = tuple(int(s) for s in ref.shape[:3])
         prob = None
+        shared: dict[tuple, Any] = {}  # runs with the same pipeline and channels share the preprocessing
         for run in runs:
             chans = [needed.index(m) for m in run.modalities] if run.modalities else list(range(len(image)))
-            got = run_model(run, image[chans], affine)
+            key = (run.config.hash(), tuple(chans))
+            got = run_model(run, image[chans], affine, shared.get(key))
+            shared[key] = got["preprocessed"]
             for k, v in got["seconds"].items():
                 result.seconds[k] = result.seconds.get(k, 0.0) + v
             result.steps = list(got["geometry"].steps)
@@ -554,7 +611,7 @@ def predict_case(case: Case, runs: Sequence[LoadedRun], out: str | os.PathLike |
                 result.diagnosis = run.classes[int(np.argmax(p))]
             else:
                 t = time.perf_counter()
-                prob = to_original_grid(got["lesion_prob"], got["geometry"], order=1)
+                prob = to_original(got["lesion_prob"], got["geometry"])
                 result.seconds["to_original"] = time.perf_counter() - t
         mask = None
         if prob is not None:
@@ -636,7 +693,7 @@ class Batch:
 def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], models: str | os.PathLike | Sequence[Any],
             out: str | os.PathLike | None = None, modalities: Mapping[str, str | os.PathLike] | None = None,
             threshold: float = 0.5, report: bool = True, keep: bool = False, device: torch.device | None = None,
-            progress: bool = True) -> Batch:
+            progress: bool = True, mixed_precision: bool = False) -> Batch:
     """Predict every scan found in ``inputs`` with the trained run(s) ``models``.
 
     Args:
@@ -651,6 +708,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], models: str
         keep: keep masks, probability maps and reference images in the results.
         device: where to run the models (default ``helpers.runtime.get_device()``).
         progress: show a tqdm progress bar.
+        mixed_precision: bf16/fp16 inference where supported (see :func:`load_model`).
 
     Returns:
         a :class:`Batch` (``batch.table`` is the summary).
@@ -664,7 +722,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], models: str
     model_list = [models] if isinstance(models, (str, os.PathLike, LoadedRun)) else list(models)
     if not model_list:
         raise ValueError("predict needs at least one trained run (a classifier and/or a segmentation model)")
-    runs = [load_model(m, device) for m in model_list]
+    runs = [load_model(m, device, mixed_precision) for m in model_list]
     tasks = [r.task for r in runs]
     if len(set(tasks)) < len(tasks):
         raise ValueError(f"give at most one classifier and one segmentation run; got tasks {tasks}")
