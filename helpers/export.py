@@ -225,8 +225,16 @@ def card_metrics(run: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str
     evaluation = run_dir / "evaluation" / "metrics.json"
     if evaluation.exists():
         data = json.loads(evaluation.read_text(encoding="utf-8"))
-        return {"from": str(evaluation), "scores": data.get("scores") or data.get("summary") or data,
-                "n_cases": data.get("test_subjects") or data.get("n_cases")}
+        if isinstance(data.get("test"), dict) and "scores" in data["test"]:  # a classifier's evaluation
+            scores, n = data["test"]["scores"], data["test"].get("n_cases")
+            if data["test"].get("threshold") is not None:
+                return {"from": str(evaluation), "scores": scores, "n_cases": n,
+                        "threshold": data["test"]["threshold"]}
+        elif isinstance(data.get("summary"), dict):  # a segmenter's: mean over cases with intervals
+            scores, n = {k: {"mean": v} for k, v in data["summary"].items()}, data.get("test_subjects")
+        else:
+            scores, n = data.get("scores") or {}, data.get("test_subjects") or data.get("n_cases")
+        return {"from": str(evaluation), "scores": scores, "n_cases": n}
     info, record = ckpt.get("data") or {}, ckpt.get("preprocess") or {}
     source = info.get("source")
     if source and Path(source).exists():
@@ -351,16 +359,21 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     tr = card["training"]
     lines += ["## Training", "",
               f"- {tr['epochs_run']} epoch(s) (best {tr['best_epoch']} on {tr['monitor']}), "
-              f"{tr['train_seconds']} s; batch {tr['batch_size']}, lr {tr['lr']}, seed {tr['seed']}; "
+              f"{tr['train_seconds'] or 0:.1f} s of training; batch {tr['batch_size']}, lr {tr['lr']}, seed {tr['seed']}; "
               f"stopped: {tr['stopped']}", ""]
     tm = card["test_metrics"]
-    lines += ["## Test metrics (95 % bootstrap intervals)", "", f"Source: {tm['from']}; cases: {tm['n_cases']}", "",
+    where = f"Source: {tm['from']}; test cases: {tm['n_cases']}"
+    if tm.get("threshold") is not None:
+        where += f"; decision threshold {tm['threshold']:.3f} (chosen on validation)"
+    lines += ["## Test metrics (95 % bootstrap intervals)", "", where, "",
               "| metric | scope | value [95 % CI] |", "| --- | --- | --- |"]
+    classes = card.get("classes") or []
+    keep = {"overall", "mean", classes[1]} if len(classes) == 2 else {"overall", "mean", "macro"}
     for metric, scopes in (tm.get("scores") or {}).items():
         if not isinstance(scopes, dict):
             continue
         for scope, est in scopes.items():
-            if isinstance(est, dict) and "value" in est:
+            if isinstance(est, dict) and "value" in est and scope in keep:
                 lines.append(f"| {metric} | {scope} | {_fmt(est)} |")
     lines += ["", "## Intended use", "", card["intended_use"], "", "Out of scope: " +
               "; ".join(card["out_of_scope"]) + ".", "", "## Limitations", ""]

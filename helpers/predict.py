@@ -45,10 +45,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import sys
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,7 +345,7 @@ def check_scan(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) ->
         raise DataError(path, f"contains {int((~finite).sum())} NaN or infinite voxel value(s)")
     if not np.any(data):
         raise DataError(path, "every voxel is zero (an empty image)")
-    sample = data.ravel()[:: max(1, data.size // 200_000)]
+    sample = np.ravel(data, order="K")[:: max(1, data.size // 200_000)]  # a view: no copy of the volume
     if np.all(sample == np.round(sample)):
         values = np.unique(sample)
         if len(values) <= MAX_LABEL_VALUES:
@@ -384,20 +386,39 @@ def read_case(case: Case, needed: Sequence[str]) -> tuple[np.ndarray, nib.Nifti1
         if full_suffix(path) not in NIFTI_SUFFIXES:
             raise DataError(path, "is not a NIfTI MRI volume (.nii or .nii.gz); convert DICOM series with "
                                   "dcm2niix first")
-    channels, ref = [], None
-    for m in needed:
+    out, ref = None, None
+    for c, m in enumerate(needed):
         path = case.files[m]
         img = load_nifti(path)
-        data = read_data(img, path)
+        data = _read_float32(img, path)
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         check_scan(data, img.affine, path)
         if ref is None:
             ref = img
+            out = np.empty((len(needed), *data.shape), dtype=np.float32)
         elif data.shape != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             data = resample_to_grid(data, img.affine, ref.shape[:3], ref.affine, order=1)
-        channels.append(data)
-    return np.stack(channels).astype(np.float32, copy=False), ref
+        out[c] = data
+    return out, ref
+
+
+def _read_float32(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The voxels as float32 with the header's scaling applied in float32 (faster than nibabel's float64)."""
+    proxy = img.dataobj
+    if not hasattr(proxy, "get_unscaled"):
+        return read_data(img, path)
+    try:
+        raw = np.asanyarray(proxy.get_unscaled())
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
+        raise DataError(path, f"voxel data is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    data = raw.astype(np.float32)
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if np.isfinite(slope) and slope not in (0.0, 1.0):
+        data *= np.float32(slope)
+    if np.isfinite(inter) and inter != 0.0:
+        data += np.float32(inter)
+    return data
 
 
 # --------------------------------------------------------------------------- running the models
