@@ -187,3 +187,20 @@ def test_comparison_rows_use_the_same_resamples_whatever_the_subject_order():
     a, b = table.iloc[0], table.iloc[1]
     for col in ("roc_auc", "roc_auc low", "roc_auc high", "f1 low", "f1 high"):
         assert a[col] == pytest.approx(b[col]), col
+
+
+def test_slice_model_with_diagnosis_labels_is_scored_per_subject(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINMRI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BRAINMRI_RUNS", str(tmp_path / "runs"))
+    root = make_bids(tmp_path / "bids", n_subjects=24, labels=("healthy", "tumour", "ms"))
+    profile = get_profile("smoke", slice_size=12, epochs=1, bootstrap=30, max_train_seconds=20)
+    run = EV.ensure_run(root, profile, "cnn", "slices", labels="diagnosis", depth=2, width=4, verbose=False)
+    result = EV.evaluate_run(run, n_boot=30, verbose=False)
+    ev = result.classification
+    subjects = result.data.prep.subjects["test"]
+    assert len(subjects) > len(set(subjects))  # several slices per subject...
+    assert len(ev.cases) == len(set(subjects)) == ev.report.n_cases  # ...one row per subject
+    assert ev.report.class_names == ["healthy", "ms", "tumour"] and ev.operating is None
+    truth = result.data.table.df.set_index("subject").loc[ev.cases.index, "label"]
+    assert list(ev.cases["truth"]) == list(truth)
+    assert (result.out / "confusion.png").exists() and not (result.out / "calibration.png").exists()
