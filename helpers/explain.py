@@ -206,7 +206,7 @@ def occlusion(model: nn.Module, x: torch.Tensor | np.ndarray, class_index: int |
         class_index: the class to explain (None: each image's predicted class).
         patch: patch edge in voxels.
         stride: step between patches (default ``patch // 2``).
-        baseline: the fill value, or ``"mean"`` for each image's own mean.
+        baseline: the fill value, or ``"mean"`` for each channel's own mean over the image.
         batch_size: occluded copies per forward pass.
 
     Returns:
@@ -228,7 +228,8 @@ def occlusion(model: nn.Module, x: torch.Tensor | np.ndarray, class_index: int |
                 image = image.to(device)
                 probs = torch.softmax(model(image[None]).float(), dim=1)[0]
                 cls = int(probs.argmax()) if class_index is None else int(class_index)
-                fill = image.mean() if baseline == "mean" else float(baseline)
+                fill = (image.mean(dim=tuple(range(1, image.ndim)), keepdim=True)  # per channel
+                        if baseline == "mean" else torch.full((1,) * image.ndim, float(baseline), device=device))
                 drop = torch.zeros(spatial, device=device)
                 hits = torch.zeros(spatial, device=device)
                 for first in range(0, len(grid), batch_size):

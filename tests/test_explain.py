@@ -222,3 +222,12 @@ def test_command_line_writes_heat_map_scan_and_figure(tmp_path, monkeypatch, cap
         assert (out / f"sub-001_{method}.png").stat().st_size > 0
     assert E.main(["--run", str(run), "--subject", "sub-999"]) == 1
     assert "no subject" in capsys.readouterr().err
+
+
+def test_occlusion_mean_baseline_is_per_channel():
+    """Hiding a patch of a constant image with each channel's own mean changes nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    x = torch.stack([torch.full((10, 10), 5.0), torch.full((10, 10), -3.0)])[None]
+    assert np.abs(E.occlusion(net, x, class_index=1, patch=4, baseline="mean")).max() < 1e-6
+    assert np.abs(E.occlusion(net, x, class_index=1, patch=4, baseline=0.0)).max() > 1e-4
