@@ -43,13 +43,15 @@ from helpers.training_data import preprocess_config
 OUT = Path(__file__).resolve().parent / "out" / "bench_predict"
 
 
-def make_scan(spacing: float, folder: Path) -> Path:
-    """One simulated tumour subject at ``spacing`` mm, written once and reused."""
+def make_scan(spacing: float, folder: Path, orientation: str = "RAS") -> Path:
+    """One simulated tumour subject at ``spacing`` mm stored in ``orientation``, written once and reused."""
+    from helpers.preprocess import reorient
     from helpers.scanner import scan_subject
     from helpers.simulate import DEFAULT_PROPORTIONS, CohortSettings, plan_cohort
 
-    folder = folder / f"sub-bench{spacing:g}mm" / "anat"
-    files = [folder / f"sub-bench{spacing:g}mm_{m}.nii.gz" for m in ("T1w", "T2w", "FLAIR")]
+    name = f"sub-bench{spacing:g}mm{orientation}"
+    folder = folder / name / "anat"
+    files = [folder / f"{name}_{m}.nii.gz" for m in ("T1w", "T2w", "FLAIR")]
     if all(f.exists() for f in files):
         return folder.parent
     settings = CohortSettings(8, spacing, 7, 0.2, tuple(DEFAULT_PROPORTIONS.items()))
@@ -58,10 +60,11 @@ def make_scan(spacing: float, folder: Path) -> Path:
     subject = scan_subject(plan, spacing, settings.seed)
     folder.mkdir(parents=True, exist_ok=True)
     for f, m in zip(files, ("T1w", "T2w", "FLAIR"), strict=True):
-        img = nib.Nifti1Image(subject["images"][m], subject["affine"])
+        data, affine = reorient(subject["images"][m], subject["affine"], orientation)
+        img = nib.Nifti1Image(data, affine)
         img.set_data_dtype(np.int16)
         nib.save(img, f)
-    print(f"made a {spacing:g} mm test subject in {time.perf_counter() - t:.1f} s: "
+    print(f"made a {spacing:g} mm {orientation} test subject in {time.perf_counter() - t:.1f} s: "
           f"{subject['images']['T1w'].shape}, {plan.diagnosis}")
     return folder.parent
 
@@ -89,20 +92,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=None, help="trained run folder(s)")
     parser.add_argument("--spacing", type=float, default=1.0, help="voxel size of the test scan in mm")
+    parser.add_argument("--orientation", default="PIR", help="how the test scan is stored (default PIR: "
+                        "permuted axes, the costliest reorientation)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 inference where the CPU has it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    subject = make_scan(args.spacing, OUT / "scans")
+    subject = make_scan(args.spacing, OUT / "scans", args.orientation)
     run_dirs = [Path(m) for m in args.model] if args.model else default_runs(OUT / "runs")
     t = time.perf_counter()
     runs = [load_model(r, device, args.mixed_precision) for r in run_dirs]
     load_models = time.perf_counter() - t
     (case,), _ = find_cases([subject], required_modalities(runs))
     shape = nib.load(case.files["T1w"]).shape
-    print(f"scan: {shape} at {args.spacing:g} mm, 3 modalities; models: {[r.name for r in runs]}; "
+    print(f"scan: {shape} at {args.spacing:g} mm stored {args.orientation}, 3 modalities; models: {[r.name for r in runs]}; "
           f"{args.threads} threads; mixed precision {args.mixed_precision}; loading the models {load_models:.2f} s")
     predict_case(case, runs, OUT / "predictions", report=True)  # warm-up (first-call costs)
     rows, cpu = [], []
