@@ -333,3 +333,37 @@ def test_fast_inverse_mapping_equals_grid_sample(orientation, spacing):
         assert fast.shape == slow.shape == img.shape
         np.testing.assert_allclose(fast, slow, atol=2e-5)
         assert (slow > 0).mean() > 0.3  # the comparison covers most of the scan
+
+
+def test_slice_models_predict_per_slice_and_map_back(tmp_path):
+    """2D models on axial slices: the case takes its most suspicious slice; the mask is stacked and mapped back."""
+    from helpers.train import load_checkpoint, save_checkpoint
+
+    cls = build_model("cnn", 1, 2, dims=2, depth=1, width=1, norm=False, dropout=0.0)
+    seg = build_model("unet", 1, 2, dims=2, depth=1, width=1, norm=False)
+    with torch.no_grad():
+        for conv in (cls.features[0][0][0], seg.down[0][0][0], seg.down[0][1][0]):
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+            conv.bias.zero_()
+        cls.classifier.weight.copy_(torch.tensor([[0.0], [2.0]]))
+        cls.classifier.bias.copy_(torch.tensor([0.0, -2.0 * Z_THRESHOLD]))
+        seg.head.weight.zero_()
+        seg.head.weight[1, 0] = 3.0
+        seg.head.bias.copy_(torch.tensor([0.0, -3.0 * Z_THRESHOLD]))
+    runs = []
+    for name, model, task in (("cls2d", cls.eval(), "classify"), ("seg2d", seg.eval(), "segment")):
+        run = write_run(tmp_path / name, model, task)
+        ckpt = load_checkpoint(run)
+        ckpt["preprocess"].update(input="slices", dims=2)
+        ckpt["preprocess"]["pipeline"]["shape"] = [40, 40, 24]
+        save_checkpoint(run / "checkpoint.pt", ckpt)
+        runs.append(run)
+    img = head_scan((3.0, 4.0, 5.0), "LPS")
+    scan = save(img, tmp_path / "scan_T1w.nii.gz")
+    healthy = save(head_scan(lesion=False), tmp_path / "healthy_T1w.nii.gz")
+    a, b = predict([scan, healthy], runs, progress=False, report=False, keep=True).results
+    assert a.status == "ok" and b.status == "ok", (a.error, b.error)
+    assert a.diagnosis == "lesion" and b.diagnosis == "healthy"
+    assert a.mask.shape == img.shape and dice(a.mask, lesion_truth(img)) > 0.6
+    assert b.lesion_volume_ml < 1.0
