@@ -797,7 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m helpers.predict",
         description="Predict new scans with trained run(s): diagnosis and class probabilities (classifier), "
                     "lesion mask, probability map and volume (segmentation model), on the scan's own grid, "
-                    "plus a one-page report per scan and a summary table. " + DISCLAIMER)
+                    "plus a one-page report per scan and a summary table. " + DISCLAIMER,
+        epilog="Exit status: 0 every scan predicted; 1 some scans failed (error rows in summary.csv); "
+               "2 the run folders or arguments are unusable.")
     parser.add_argument("inputs", nargs="*", help="NIfTI files or folders (subject folder, BIDS root, folder of scans)")
     parser.add_argument("--model", action="append", required=True,
                         help="a run folder from helpers.train; repeat to combine a classifier and a segmentation run")
