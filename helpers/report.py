@@ -104,7 +104,9 @@ def report_figure(result: Any, image: nib.Nifti1Image, mask: np.ndarray | None =
         colours = ["#d62728" if n == result.diagnosis else "#7f7f7f" for n in names]
         ax_p.barh(names[::-1], values[::-1], color=colours[::-1])
         for y, v in enumerate(values[::-1]):
-            ax_p.text(min(v + 0.02, 0.9), y, f"{v:.2f}", va="center", fontsize=9)
+            inside = v > 0.85  # near 1 the number goes inside the bar, in white
+            ax_p.text(v - 0.02 if inside else v + 0.02, y, f"{v:.2f}", va="center", fontsize=9,
+                      ha="right" if inside else "left", color="white" if inside else "black")
         ax_p.set_xlim(0, 1)
         ax_p.set_xlabel("probability (model output, not calibrated to patients)", fontsize=8)
         ax_p.set_title("class probabilities", fontsize=10)
