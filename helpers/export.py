@@ -39,6 +39,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -139,7 +140,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int | Non
                                   dynamic_shapes={"x": {0: batch}}, opset_version=opset, **names)
             exporter = "dynamo"
         except Exception as exc:  # noqa: BLE001 (any translation failure: try the older exporter)
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
+            detail = re.search(r"<class '[^']+'>: (.+)", text)  # the exporter's own summary, if any
+            reason = (detail.group(1) if detail else text.splitlines()[0] if text else type(exc).__name__)[:200]
             print(f"ONNX: the torch.export-based exporter failed ({reason}); using the TorchScript-based one.")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
