@@ -76,15 +76,36 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {value!r}")
 
 
-class ConvBlock(nn.Sequential):
-    """Convolution (3 wide, padded so the size is kept) -> batch norm -> ReLU."""
+NORMS = ("batch", "instance", "none")
+"""Normalisation layers ConvBlock accepts (``True`` means batch, ``False`` none)."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, norm: bool = True):
+
+def _make_norm(dims: int, kind: bool | str, channels: int) -> nn.Module | None:
+    kind = {True: "batch", False: "none"}.get(kind, kind)
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} (or True/False), got {kind!r}")
+    if kind == "batch":
+        return _norm(dims)(channels)
+    if kind == "instance":  # per sample and channel: no dependence on the rest of the batch
+        return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
+    return None
+
+
+class ConvBlock(nn.Sequential):
+    """Convolution (3 wide, padded so the size is kept) -> normalisation -> ReLU.
+
+    ``norm``: ``True``/``"batch"`` (batch norm, the default), ``"instance"``
+    (instance norm: statistics per sample, so train and eval behave alike), or
+    ``False``/``"none"``.
+    """
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, norm: bool | str = True):
+        layer = _make_norm(dims, norm, out_channels)
         layers: list[nn.Module] = [
-            _conv(dims)(in_channels, out_channels, kernel_size=3, padding=1, bias=not norm)
+            _conv(dims)(in_channels, out_channels, kernel_size=3, padding=1, bias=layer is None)
         ]
-        if norm:
-            layers.append(_norm(dims)(out_channels))
+        if layer is not None:
+            layers.append(layer)
         layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
@@ -155,11 +176,11 @@ class CNN(nn.Module):
         width: channels of the first stage.
         head: ``"max"`` (global max pool) or ``"avg"`` (global average pool).
         dropout: dropout probability before the last layer.
-        norm: use batch normalisation.
+        norm: ``True`` or ``"batch"`` (batch norm), ``"instance"``, ``False`` or ``"none"``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, dims: int = 3, depth: int = 4,
-                 width: int = 16, head: str = "max", dropout: float = 0.3, norm: bool = True):
+                 width: int = 16, head: str = "max", dropout: float = 0.3, norm: bool | str = True):
         super().__init__()
         _check_dims(dims)
         _check_positive(depth=depth, width=width)
@@ -246,11 +267,11 @@ class UNet(nn.Module):
         dims: 2 or 3.
         depth: levels (3 -> sizes 1, 1/2, 1/4).
         width: channels at the first level; doubled at each level down.
-        norm: use batch normalisation.
+        norm: ``True`` or ``"batch"`` (batch norm), ``"instance"``, ``False`` or ``"none"``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, dims: int = 3, depth: int = 3,
-                 width: int = 16, norm: bool = True):
+                 width: int = 16, norm: bool | str = True):
         super().__init__()
         _check_dims(dims)
         _check_positive(depth=depth, width=width)

@@ -106,3 +106,16 @@ def test_models_trace_for_export(name, dims, shape):
     traced = torch.jit.trace(model, x)
     x2 = torch.randn((3, *shape[1:]))  # another batch size must work too
     assert torch.allclose(traced(x2), model(x2), atol=1e-5)
+
+
+def test_instance_norm_option_makes_predictions_independent_of_the_batch():
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 1, 2, dims=3, depth=2, width=4, norm="instance", dropout=0.0).train()
+    x = torch.randn(4, 1, 16, 16, 16)
+    alone = model(x[:1])
+    together = model(x)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+    batch = models.build_model("cnn", 1, 2, dims=3, depth=2, width=4, dropout=0.0).train()
+    assert not torch.allclose(batch(x[:2])[:1], batch(x)[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        models.build_model("cnn", 1, 2, norm="layer")
