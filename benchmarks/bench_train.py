@@ -133,7 +133,7 @@ def speed(profile: str, steps: int) -> None:
               f"{batch / sec:.1f} | {util} | {load()} |", flush=True)
 
 
-def targets(profile: str) -> None:
+def targets(profile: str, only: str | None = None, extra: list[str] | None = None) -> None:
     from helpers import simulate
     from helpers.train import main
 
@@ -145,10 +145,12 @@ def targets(profile: str) -> None:
     import json
 
     for title, task, cap, metric, goal, name in jobs:
+        if only and task != only:
+            continue
         print(f"\n== {title}: training capped at {cap:.0f} s ({load()})", flush=True)
         start = time.perf_counter()
         code = main(["--data", str(root), "--task", task, "--profile", P.name, "--max-seconds", str(cap),
-                     "--out", str(runs / name), "--no-resume"])
+                     "--out", str(runs / name), "--no-resume", *(extra or [])])
         wall = time.perf_counter() - start
         m = json.loads((runs / name / "metrics.json").read_text())
         value = m["test"][metric]
@@ -164,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", action="store_true", help="steps per second per model")
     parser.add_argument("--targets", action="store_true", help="the issue's accuracy targets")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--only", choices=("classify", "segment"), default=None, help="one target only")
+    parser.add_argument("--train-args", default="", help="extra helpers.train options, e.g. '--augment flip --lr 3e-3'")
     args = parser.parse_args(argv)
     if not (args.speed or args.targets):
         args.speed = True
     if args.speed:
         speed(args.profile, args.steps)
     if args.targets:
-        targets(args.profile)
+        targets(args.profile, args.only, args.train_args.split())
     return 0
 
 
