@@ -234,16 +234,19 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice over the foreground classes (1..K-1), averaged over the batch.
+    """1 - soft Dice over the foreground classes (1..K-1), pooled over the whole batch.
 
     Cross-entropy alone let a U-Net predict "all background" for small lesions
-    (measured on the simulated cohort); adding this term fixes it.
+    (measured on the simulated cohort); adding this term rewards overlap directly.
+    The Dice is pooled over the batch (one overlap for all its voxels) rather than
+    averaged per case: a per-case Dice gives every lesion-free case a full loss
+    for one stray voxel, which pushed the U-Net towards predicting nothing.
     """
     probs = torch.softmax(logits.float(), dim=1)
     onehot = nn.functional.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).float()
-    dims = tuple(range(2, probs.ndim))
-    inter = (probs * onehot).sum(dims)[:, 1:]
-    denom = (probs + onehot).sum(dims)[:, 1:]
+    dims = (0, *range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)[1:]
+    denom = (probs + onehot).sum(dims)[1:]
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
