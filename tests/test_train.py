@@ -271,3 +271,13 @@ def test_every_3d_model_trains_through_the_engine(name):
     losses = train.overfit_one_batch(build_model(name, 1, 2, dims=3, depth=2, width=4), data.x[:4], data.y[:4],
                                      steps=3, device=torch.device("cpu"))
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_segmentation_settings_from_a_profile_use_the_measured_learning_rate():
+    from helpers.runtime import get_profile
+
+    p = get_profile("workshop")
+    seg = train.TrainConfig.from_profile(p, task="segment", dims=3)
+    assert seg.lr == 3e-3 and seg.batch_size == max(2, p.batch_size // 2)
+    assert train.TrainConfig.from_profile(p, task="segment", dims=3, lr=1e-4).lr == 1e-4
+    assert train.TrainConfig.from_profile(p, task="classify", dims=3).lr == train.TrainConfig().lr
