@@ -273,11 +273,11 @@ def test_every_3d_model_trains_through_the_engine(name):
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-def test_segmentation_settings_from_a_profile_use_the_measured_learning_rate():
+def test_settings_from_a_profile_use_the_measured_learning_rate():
     from helpers.runtime import get_profile
 
     p = get_profile("workshop")
     seg = train.TrainConfig.from_profile(p, task="segment", dims=3)
     assert seg.lr == 3e-3 and seg.batch_size == max(2, p.batch_size // 2)
     assert train.TrainConfig.from_profile(p, task="segment", dims=3, lr=1e-4).lr == 1e-4
-    assert train.TrainConfig.from_profile(p, task="classify", dims=3).lr == train.TrainConfig().lr
+    assert train.TrainConfig.from_profile(p, task="classify", dims=3).lr == 3e-3
