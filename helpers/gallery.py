@@ -86,19 +86,24 @@ def draw_plane(ax, img: nib.spatialimages.SpatialImage, view: str = "axial", ind
         colours = ListedColormap(["none", *[LABEL_COLOURS.get(v, "#ffffff") for v in range(1, 9)]])
         ax.imshow(np.ma.masked_equal(over, 0), cmap=colours, vmin=-0.5, vmax=8.5, alpha=opacity,
                   aspect=aspect, interpolation="nearest")
+    draw_edge_letters(ax, view, radiological)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="intensity (scaled units)")
+    return shown
+
+
+def draw_edge_letters(ax, view: str, radiological: bool = False, fontsize: int = 9) -> None:
+    """Write the anatomical letters (L/R, A/P, S/I) on the edges of a plane and hide the ticks."""
     letters = edge_letters(view, radiological)
-    style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+    style = {"color": "yellow", "fontsize": fontsize, "fontweight": "bold", "transform": ax.transAxes}
     ax.text(0.02, 0.5, letters["left"], ha="left", va="center", **style)
     ax.text(0.98, 0.5, letters["right"], ha="right", va="center", **style)
     ax.text(0.5, 0.98, letters["top"], ha="center", va="top", **style)
     ax.text(0.5, 0.02, letters["bottom"], ha="center", va="bottom", **style)
     ax.set_xticks([])
     ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=9)
-    if colorbar:
-        ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="intensity (scaled units)")
-    return shown
 
 
 def label_legend(ax_or_fig, names: Mapping[int, str], **kwargs):

@@ -33,8 +33,9 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
+from helpers.gallery import draw_edge_letters
 from helpers.io import atomic_path
-from helpers.orientation import SLICE_AXIS, VIEWS, edge_letters, pixel_aspect, plane, voxel_spacing
+from helpers.orientation import SLICE_AXIS, VIEWS, pixel_aspect, plane, voxel_spacing
 
 DISCLAIMER = ("TEACHING MODEL, NOT A MEDICAL DEVICE.\nTrained on simulated data: "
               "never use it to diagnose or treat a patient.")
@@ -52,17 +53,6 @@ def key_voxel(mask: np.ndarray | None, prob: np.ndarray | None, shape: Sequence[
     if prob is not None and prob.max() > 0:
         return tuple(int(v) for v in np.unravel_index(int(np.argmax(prob)), prob.shape))  # type: ignore[return-value]
     return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
-
-
-def _letters(ax, view: str) -> None:
-    style = {"color": "yellow", "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
-    letters = edge_letters(view)
-    ax.text(0.02, 0.5, letters["left"], ha="left", va="center", **style)
-    ax.text(0.98, 0.5, letters["right"], ha="right", va="center", **style)
-    ax.text(0.5, 0.98, letters["top"], ha="center", va="top", **style)
-    ax.text(0.5, 0.02, letters["bottom"], ha="center", va="bottom", **style)
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def report_figure(result: Any, image: nib.Nifti1Image, mask: np.ndarray | None = None,
@@ -145,7 +135,7 @@ def report_figure(result: Any, image: nib.Nifti1Image, mask: np.ndarray | None =
                 cut = plane(cprob, view, index)
                 heat = ax.imshow(np.ma.masked_less(cut, 0.05), cmap="inferno", vmin=0, vmax=1, alpha=0.75,
                                  aspect=aspect, interpolation="nearest")
-            _letters(ax, view)
+            draw_edge_letters(ax, view, fontsize=8)
             title = f"{view} {index}" + (f" | {modality}" if modality and col == 0 else "")
             if kind == "mask" and col == 0:
                 title += " | lesion mask (red)" if cmask is not None else " | no segmentation"
