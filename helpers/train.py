@@ -901,6 +901,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--augment", default=None, choices=("none", "flip", "light", "full"),
                         help="training augmentation (see helpers.training_data.make_augment); default: light "
                              "for classification, flip for segmentation (what was measured to work)")
+    parser.add_argument("--modalities", nargs="+", default=None,
+                        help="contrasts to use as input channels, e.g. FLAIR (default: all of the dataset's)")
     parser.add_argument("--no-resume", action="store_true", help="start again even if the run folder has a checkpoint")
     parser.add_argument("--no-cache", action="store_true", help="do not keep preprocessed cases in data/cache/")
     args = parser.parse_args(argv)
@@ -911,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = get_profile(args.profile, seed=args.seed)
     try:
         prep = prepare(args.data, task=args.task, profile=profile, input=args.input, labels=args.labels,
-                       cache=not args.no_cache, verbose=ctx.is_main)
+                       cache=not args.no_cache, verbose=ctx.is_main, modalities=args.modalities)
         name = args.model or default_model_name(args.task, prep.dims)
         model = build_model(name, prep.in_channels, prep.num_classes, dims=prep.dims,
                             depth=args.depth, width=args.width)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ def _class_index(table: CaseTable, labels: str) -> tuple[list[str], dict[str, in
 def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profile: str | Profile = "auto",
             input: str | None = None, labels: str = "binary", n_slices: int = 16,
             min_lesion_pixels: int = 5, cache: bool = True, seed: int | None = None,
-            verbose: bool = True) -> Prepared:
+            verbose: bool = True, modalities: Sequence[str] | None = None) -> Prepared:
     """Load, preprocess and tensorise a dataset for one task.
 
     Args:
@@ -181,6 +181,9 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
             files) so the next run reads them in a moment.
         seed: split seed (None: the profile's).
         verbose: print what was prepared.
+        modalities: the contrasts to use as channels, in this order (None: all of
+            the dataset's). Saved in the preprocessing record, so deployment asks
+            for the same ones.
     """
     profile = get_profile(profile)
     if task not in ("classify", "segment"):
@@ -188,6 +191,12 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     table = source if isinstance(source, CaseTable) else load_dataset(source, seed=profile.seed if seed is None else seed)
+    if modalities is not None:
+        missing = [m for m in modalities if m not in table.modalities]
+        if missing or not modalities:
+            raise ValueError(f"{table.source}: modalities {list(modalities)} not all found; "
+                             f"the dataset has {table.modalities}")
+        table = replace(table, modalities=list(modalities))
     input = input or ("image" if table.dims == 2 else "volume")
     if input not in INPUTS:
         raise ValueError(f"input must be one of {INPUTS}, got {input!r}")

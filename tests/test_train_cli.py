@@ -81,6 +81,26 @@ def test_cli_classifies_volumes_and_writes_a_complete_run_folder(isolated, capsy
     assert torch.equal(again.train.x, first.train.x)
 
 
+def test_modalities_option_picks_and_records_the_input_channels(isolated, capsys):
+    bids = make_bids(isolated / "bids")
+    both = prepare(bids, profile="smoke", cache=False, verbose=False)
+    flair = prepare(bids, profile="smoke", cache=False, verbose=False, modalities=["FLAIR"])
+    assert flair.in_channels == 1 and flair.preprocess["modalities"] == ["FLAIR"]
+    # the head crop is found on the chosen channels only, so values match closely, not exactly
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+    chosen, other = (both.train.x[:, both.modalities.index(m)] for m in ("FLAIR", "T1w"))
+    assert corr(flair.train.x[:, 0], chosen) > 0.99 > corr(flair.train.x[:, 0], other)
+    out = isolated / "flair_run"
+    assert train.main(["--data", str(bids), "--profile", "smoke", "--epochs", "1", "--width", "4",
+                       "--modalities", "FLAIR", "--out", str(out)]) == 0
+    ckpt = train.load_checkpoint(out)
+    assert ckpt["model_config"]["in_channels"] == 1 and ckpt["preprocess"]["modalities"] == ["FLAIR"]
+    assert train.main(["--data", str(bids), "--profile", "smoke", "--modalities", "T2w"]) == 1
+    assert "T2w" in capsys.readouterr().err
+
+
 def test_cli_segments_with_the_default_unet(isolated):
     bids = make_bids(isolated / "bids")
     out = isolated / "seg"
