@@ -104,6 +104,15 @@ def broadcast_flag(flag: bool, device: torch.device, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
+def broadcast_value(value: float, device: torch.device, ctx: DistContext) -> float:
+    """Rank 0's number (for example its training clock), given to every rank."""
+    if not ctx.is_distributed:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait until every rank reaches this point."""
     if ctx.is_distributed and dist.is_initialized():
