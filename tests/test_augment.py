@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.augment import AugmentConfig, augment, intensity
+from helpers.augment import AugmentConfig, augment, intensity, random_patches
 from helpers.skullstrip import dice
 
 SPATIAL_ONLY = AugmentConfig(flip_p=0.5, affine_p=1.0, elastic_p=1.0, rotate_deg=15, bias_p=0,
@@ -98,3 +98,24 @@ def test_same_code_on_a_gpu_gives_the_same_result():
     assert gpu[0].device.type == device.type
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-3, rtol=1e-3)
     assert (gpu[1].cpu() != cpu[1]).float().mean() < 0.001
+
+
+def test_random_patches_cut_image_and_mask_alike_and_find_lesions():
+    torch.manual_seed(0)
+    image = torch.randn(6, 2, 20, 24, 16)
+    mask = torch.zeros(6, 20, 24, 16, dtype=torch.long)
+    mask[:3, 15:17, 2:4, 12:14] = 1  # a small lesion far from the centre, in half the cases
+    image[:, 0] = mask.float() * 10  # channel 0 shows the mask, so the crops can be compared
+    found = 0
+    for _ in range(20):
+        xp, mp = random_patches(image, mask, 8, foreground_p=1.0)
+        assert xp.shape == (6, 2, 8, 8, 8) and mp.shape == (6, 8, 8, 8)
+        assert torch.equal(xp[:, 0], mp.float() * 10)  # image and mask cut at the same place
+        found += int(mp[:3].flatten(1).any(1).sum())
+    assert found == 60  # always centred on the lesion when there is one
+    xp, mp = random_patches(image, mask, (32, 8, 4), foreground_p=0.0)
+    assert xp.shape == (6, 2, 20, 8, 4)  # an axis smaller than the patch is kept whole
+    torch.manual_seed(1)
+    a = random_patches(image, mask, 8)
+    torch.manual_seed(1)
+    assert torch.equal(a[0], random_patches(image, mask, 8)[0])  # seeded: repeatable
