@@ -14,6 +14,10 @@ Five families, from simplest to most structured:
   recurrent network, which reads a sequence one element at a time while keeping a
   memory) reads the sequence of slice summaries from bottom to top and back.
 - :class:`UNet`: a 2D or 3D U-Net for segmentation (a label per voxel).
+- :class:`LesionMapClassifier`: a U-Net used as a healthy-versus-lesion
+  classifier. It draws a lesion map and answers with its most suspicious voxel;
+  it is trained on lesion masks, so it needs a dataset that has them. Measured on the simulated cohort, this finds small faint lesions that a
+  CNN trained on one label per scan misses (benchmarks/RESULTS.md).
 
 :func:`build_model` builds any of them by name (the name, the number of input
 channels and classes and the dimensionality are all a checkpoint needs to rebuild a
@@ -40,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mlp", "cnn", "cnn_gru", "unet")
+MODEL_NAMES = ("mlp", "cnn", "cnn_gru", "unet", "unet_classifier")
 """The names :func:`build_model` accepts."""
 
 DEFAULTS: dict[str, dict[str, int]] = {
@@ -48,6 +52,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "cnn": {"depth": 4, "width": 16},
     "cnn_gru": {"depth": 3, "width": 16},
     "unet": {"depth": 3, "width": 16},
+    "unet_classifier": {"depth": 3, "width": 16},
 }
 """Default depth (layers or stages) and width (units or first-stage channels) per model."""
 
@@ -306,7 +311,70 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class LesionMapClassifier(nn.Module):
+    """Healthy versus lesion, answered by looking for the lesion: a U-Net plus a max readout.
+
+    The U-Net gives every voxel a lesion score (log-odds); the scan's lesion score
+    is the *largest* of them, so the answer "lesion" always points at a place.
+    ``forward(x)`` returns two class scores per scan, ``[0, lesion log-odds]``
+    (softmax of them = the probability of the most suspicious voxel), so for
+    evaluation, calibration, export and deployment it is an ordinary classifier.
+
+    It learns from the lesion masks, voxel by voxel (cross-entropy plus soft Dice,
+    as the segmentation U-Net; see :func:`helpers.train.fit`): a scan's label is
+    just "its mask is not empty", but the mask also says *where* the lesion is,
+    which a label never does. With 140 training scans that is the difference
+    between missing and finding small faint lesions (measured, see
+    benchmarks/RESULTS.md). It therefore needs training data with a lesion mask for
+    every lesion case; it is validated, tested and deployed on the labels alone.
+    ``forward(x, return_map=True)`` returns the scores and the per-voxel map
+    ``[B, 2, ...]`` (background, lesion) that the mask loss needs.
+
+    Args:
+        in_channels: image channels.
+        num_classes: must be 2 (healthy, lesion).
+        dims: 2 or 3.
+        depth, width, norm: of the U-Net (see :class:`UNet`).
+    """
+
+    needs_masks = True
+    """:func:`helpers.train.fit` trains it on the lesion masks of the training data."""
+
+    def __init__(self, in_channels: int, num_classes: int = 2, dims: int = 3, depth: int = 3,
+                 width: int = 16, norm: bool | str = True):
+        super().__init__()
+        if num_classes != 2:
+            raise ValueError(f"the lesion-map classifier answers healthy versus lesion (2 classes), "
+                             f"got num_classes={num_classes}; use labels='binary' or the cnn model")
+        self.dims = dims
+        self.unet = UNet(in_channels, 2, dims=dims, depth=depth, width=width, norm=norm)
+
+    def lesion_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-voxel lesion probability ``[B, ...]`` (the explanation this model gives itself)."""
+        return torch.softmax(self.unet(x).float(), dim=1)[:, 1]
+
+    def forward(self, x: torch.Tensor, return_map: bool = False):
+        voxel_logits = self.unet(x)
+        margin = (voxel_logits[:, 1] - voxel_logits[:, 0]).flatten(1).amax(dim=1)
+        logits = torch.stack([torch.zeros_like(margin), margin], dim=1)
+        if return_map:
+            return logits, voxel_logits
+        return logits
+
+
 # --------------------------------------------------------------------------- registry
+
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "mlp": MLP, "cnn": CNN, "cnn_gru": CNNGRU, "unet": UNet, "unet_classifier": LesionMapClassifier,
+}
+"""The class behind each name of :data:`MODEL_NAMES`."""
+
+
+def needs_masks(name: str) -> bool:
+    """Whether the model of this name learns from lesion masks (so its training data must have them)."""
+    key = name.strip().lower().replace("-", "_")
+    return bool(getattr(MODEL_CLASSES.get(key), "needs_masks", False))
 
 
 def build_model(name: str, in_channels: int, num_classes: int, dims: int = 3,
@@ -314,7 +382,8 @@ def build_model(name: str, in_channels: int, num_classes: int, dims: int = 3,
     """Build a model of the series by name.
 
     Args:
-        name: one of :data:`MODEL_NAMES` (``mlp``, ``cnn``, ``cnn_gru``, ``unet``).
+        name: one of :data:`MODEL_NAMES` (``mlp``, ``cnn``, ``cnn_gru``, ``unet``,
+            ``unet_classifier``).
         in_channels: image channels (one per MRI contrast).
         num_classes: output classes (per image, or per voxel for ``unet``).
         dims: 2 (images, slices) or 3 (volumes).
@@ -335,7 +404,7 @@ def build_model(name: str, in_channels: int, num_classes: int, dims: int = 3,
         raise ValueError(f"Unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}.")
     depth = DEFAULTS[key]["depth"] if depth is None else int(depth)
     width = DEFAULTS[key]["width"] if width is None else int(width)
-    cls = {"mlp": MLP, "cnn": CNN, "cnn_gru": CNNGRU, "unet": UNet}[key]
+    cls = MODEL_CLASSES[key]
     model = cls(int(in_channels), int(num_classes), dims=int(dims), depth=depth, width=width, **kwargs)
     model.config = {"name": key, "in_channels": int(in_channels), "num_classes": int(num_classes),
                     "dims": int(dims), "depth": depth, "width": width, **kwargs}

@@ -24,6 +24,7 @@ ARCHITECTURES = [
     ("cnn_gru", "classify", 3, {"depth": 2, "width": 4}),
     ("mlp", "classify", 3, {"depth": 1, "width": 16}),  # the dynamo exporter cannot translate 3D adaptive pooling
     ("cnn", "classify", 2, {"depth": 2, "width": 4}),   # a slice model
+    ("unet_classifier", "classify", 3, {"depth": 2, "width": 4}),
 ]
 
 

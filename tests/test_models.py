@@ -55,7 +55,7 @@ def test_cnn_has_the_documented_size():
 
 
 def test_bad_arguments_are_refused_clearly():
-    with pytest.raises(ValueError, match="mlp, cnn, cnn_gru, unet"):
+    with pytest.raises(ValueError, match="mlp, cnn, cnn_gru, unet, unet_classifier"):
         models.build_model("resnet", 1, 2)
     with pytest.raises(ValueError, match="dims"):
         models.build_model("cnn", 1, 2, dims=4)
@@ -119,3 +119,21 @@ def test_instance_norm_option_makes_predictions_independent_of_the_batch():
     assert not torch.allclose(batch(x[:2])[:1], batch(x)[:1], atol=1e-5)
     with pytest.raises(ValueError, match="norm"):
         models.build_model("cnn", 1, 2, norm="layer")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_lesion_map_classifier_answers_with_its_most_suspicious_voxel(dims):
+    torch.manual_seed(0)
+    model = models.build_model("unet_classifier", 2, 2, dims=dims, depth=2, width=4).eval()
+    x = torch.randn((3, 2) + (16,) * dims)
+    logits, voxel_logits = model(x, return_map=True)
+    assert tuple(logits.shape) == (3, 2) and tuple(voxel_logits.shape) == (3, 2) + (16,) * dims
+    assert torch.equal(logits, model(x))
+    p_lesion = torch.softmax(logits, 1)[:, 1]
+    assert torch.allclose(p_lesion, model.lesion_map(x).flatten(1).amax(1), atol=1e-5)
+    traced = torch.jit.trace(model, x)
+    assert torch.allclose(traced(x[:1]), model(x[:1]), atol=1e-5)
+    assert models.build_model(**model.config).config == model.config
+    with pytest.raises(ValueError, match="healthy versus lesion"):
+        models.build_model("unet_classifier", 1, 3)
