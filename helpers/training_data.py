@@ -213,11 +213,17 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     healthy_index = 0
     if task == "classify":
         classes, index = _class_index(table, labels)
-        if input == "slices":
+        try:
             healthy_index = classes.index(healthy_class(classes))
+        except ValueError:
+            healthy_index = -1  # no healthy class: slice labels and lesion masks do not apply
+        if input == "slices" and healthy_index < 0:
+            raise ValueError(f"{table.source}: slices are labelled healthy or not from lesion masks, but no "
+                             f"class of {classes} is named like a healthy one")
     else:
         classes, index = ["background", "lesion"], {}
     splits: dict[str, TensorData] = {}
+    masks_complete = True  # classification: every split has lesion masks for its lesion cases
     subjects: dict[str, list[str]] = {}
     brains: dict[str, torch.Tensor] = {}
     for split in ("train", "val", "test"):
@@ -226,8 +232,10 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
             raise ValueError(f"{table.source}: the {split} split is empty; the dataset is too small to train on")
         images, masks, brain = _case_arrays(table, rows, config, tensor_cache)
         cases, subs = rows["case"].astype(str).tolist(), rows["subject"].astype(str).tolist()
+        lesion_masks = None
         if input == "slices":
-            x, y, ids, sub = _slices(images, masks, brain, rows, task, index, healthy_index, min_lesion_pixels)
+            x, y, ids, sub, lesion_masks = _slices(images, masks, brain, rows, task, index, healthy_index,
+                                                   min_lesion_pixels)
         else:
             x = torch.stack(images)
             if task == "segment":
@@ -235,18 +243,24 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
                                  for m in masks])
             else:
                 y = torch.tensor([index[str(v)] for v in rows["label"]], dtype=torch.long)
+                lesion_masks = _classification_masks(masks, y, healthy_index, x.shape[2:])
             ids, sub = cases, subs
             if brain[0] is not None:
                 brains[split] = torch.stack(brain)
-        splits[split] = TensorData(x, y, ids)
+        if task == "classify" and lesion_masks is None:
+            masks_complete = False
+        splits[split] = TensorData(x, y, ids, lesion_masks if task == "classify" else None)
         subjects[split] = sub
+    if task == "classify" and not masks_complete:
+        splits = {k: replace(v, masks=None) for k, v in splits.items()}
     record = {"pipeline": config.to_dict(), "input": input, "modalities": list(table.modalities),
               "labels": labels if task == "classify" else "lesion", "n_slices": n_slices if input == "slices" else None,
               "slice_axis": 2 if input == "slices" else None, "min_lesion_pixels": min_lesion_pixels,
               "dims": 2 if input in ("slices", "image") else 3}
     info = {"source": str(table.source), "kind": table.kind, "profile": profile.name,
             "samples": {k: len(v) for k, v in splits.items()},
-            "subjects": {k: len(set(v)) for k, v in subjects.items()}, "dataset_classes": list(table.classes)}
+            "subjects": {k: len(set(v)) for k, v in subjects.items()}, "dataset_classes": list(table.classes),
+            "lesion_masks": task == "segment" or splits["train"].masks is not None}
     prep = Prepared(splits["train"], splits["val"], splits["test"], classes, task, input, record["dims"],
                     list(table.modalities), record, info, subjects, brains)
     if verbose:
@@ -257,8 +271,11 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
 
 def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_pixels):
     """Axial slices with brain in them; labels from the lesion mask where there is one."""
-    xs, ys, ids, subs = [], [], [], []
+    xs, ys, ids, subs, slice_masks = [], [], [], [], []
+    complete = True
     for image, mask, brain, (_, row) in zip(images, masks, brains, rows.iterrows(), strict=True):
+        if task == "classify" and mask is None and index[str(row["label"])] != healthy_index:
+            complete = False
         z_keep = range(image.shape[-1])
         if brain is not None:
             frac = brain.reshape(-1, brain.shape[-1]).float().mean(0)
@@ -276,12 +293,44 @@ def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_
                     ys.append(subject_class if lesion_pixels >= min_lesion_pixels else healthy_index)
             ids.append(f"{row['case']}:z{z}")
             subs.append(str(row["subject"]))
+            slice_masks.append((mask[..., z] > 0).to(torch.uint8) if mask is not None
+                               else torch.zeros(image.shape[1:3], dtype=torch.uint8))
     x = torch.stack(xs)
     y = torch.stack(ys) if task == "segment" else torch.tensor(ys, dtype=torch.long)
-    return x, y, ids, subs
+    lesion_masks = torch.stack(slice_masks) if task == "classify" and complete else None
+    return x, y, ids, subs, lesion_masks
+
+
+def _classification_masks(masks, y: torch.Tensor, healthy_index: int, shape) -> torch.Tensor | None:
+    """Lesion masks (uint8) for classification cases, or None when a lesion case has none.
+
+    A healthy case without a mask file gets an empty mask (it has no lesion); a
+    lesion case without one makes the masks unusable, since an empty mask would
+    teach "no lesion here" where there is one.
+    """
+    out = []
+    for mask, label in zip(masks, y.tolist(), strict=True):
+        if mask is None:
+            if healthy_index < 0 or label != healthy_index:
+                return None
+            out.append(torch.zeros(tuple(shape), dtype=torch.uint8))
+        else:
+            out.append((mask > 0).to(torch.uint8))
+    return torch.stack(out)
 
 
 AUGMENT_LEVELS = ("none", "flip", "light", "full")
+
+
+def default_augment(task: str, model: str | None = None) -> str:
+    """The augmentation level measured to work on the simulated cohort, for a task and model.
+
+    ``flip`` for segmentation and for models that learn from lesion masks (the
+    ``unet_classifier``); ``light`` for other classifiers (RESULTS.md has the runs).
+    """
+    from helpers.models import needs_masks
+
+    return "flip" if task == "segment" or (model is not None and needs_masks(model)) else "light"
 
 
 def make_augment(task: str, level: str = "light"):
@@ -291,7 +340,9 @@ def make_augment(task: str, level: str = "light"):
     ``light`` (mirror plus intensity changes: bias field, noise, gamma, contrast;
     no resampling, so cheap on a CPU); ``full`` (also small rotations, zooms,
     shifts and elastic warps, one ``grid_sample`` per batch: best on a GPU).
-    Masks (segmentation) move with the image; class labels are left alone.
+    Masks (a label per voxel: segmentation targets, or the lesion masks a
+    :class:`helpers.models.LesionMapClassifier` learns from) move with the image;
+    class labels are left alone. ``task`` only names the use.
     """
     from helpers.augment import AugmentConfig, augment
 
@@ -304,7 +355,7 @@ def make_augment(task: str, level: str = "light"):
     config = AugmentConfig() if level == "full" else AugmentConfig(affine_p=0.0, elastic_p=0.0)
 
     def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if task == "segment":
+        if y.ndim == x.ndim - 1:  # a label per voxel (a mask): it moves with the image
             xa, ya = augment(x, y, config)
             return xa, ya
         xa, _ = augment(x, None, config)

@@ -171,3 +171,25 @@ def test_exported_png_slices_read_back_with_the_same_split(isolated):
     back = prepare(table, profile="smoke", labels="diagnosis", verbose=False)
     assert sorted(back.classes) == sorted(set(prep.classes[int(v)] for v in prep.train.y))
 
+
+
+def test_classification_data_keeps_its_lesion_masks_for_the_lesion_map_classifier(isolated, capsys):
+    root = make_bids(isolated / "bids", n=20)
+    prep = prepare(root, task="classify", profile="smoke", cache=False, verbose=False)
+    assert prep.info["lesion_masks"]
+    for split in ("train", "val", "test"):
+        data = getattr(prep, split)
+        assert data.masks.dtype == torch.uint8 and data.masks.shape == (len(data), *data.x.shape[2:])
+        has = data.masks.flatten(1).any(1).long()
+        assert torch.equal(has, data.y)  # the lesion cases, exactly, have lesion voxels
+    assert train.main(["--data", str(root), "--task", "classify", "--model", "unet_classifier",
+                       "--profile", "smoke", "--epochs", "1", "--out", str(isolated / "run")]) == 0
+    assert json.loads((isolated / "run" / "metrics.json").read_text())["test"]["auc"] >= 0
+    # a lesion case without a mask file: masks cannot be trusted, so none are kept
+    next((root / "derivatives" / "labels").glob("sub-01/anat/*_dseg.nii.gz")).unlink()
+    prep = prepare(root, task="classify", profile="smoke", cache=False, verbose=False)
+    assert prep.train.masks is None and not prep.info["lesion_masks"]
+    capsys.readouterr()
+    assert train.main(["--data", str(root), "--task", "classify", "--model", "unet_classifier",
+                       "--profile", "smoke", "--epochs", "1", "--out", str(isolated / "run2")]) == 1
+    assert "lesion masks" in capsys.readouterr().err
