@@ -663,7 +663,7 @@ def ensure_run(source: str | Path, profile: Any, model: str = "cnn", input: str 
     net = build_model(model, prep.in_channels, prep.num_classes, dims=prep.dims, **model_kwargs)
     # cnn_gru runs 2D convolutions inside a 3D input: channels-last-3d (which bf16 autocast on
     # a CPU switches on) cannot be applied to it, so it trains in float32.
-    config = TrainConfig.from_profile(profile, task=task, dims=prep.dims,
+    config = TrainConfig.from_profile(profile, task=task, dims=prep.dims, model=model,
                                       mixed_precision=False if model == "cnn_gru" else None)
     start = time.perf_counter()
     fit(net, prep.train, prep.val, config, run_dir, test=prep.test, classes=prep.classes,

@@ -53,6 +53,10 @@ class Profile:
         slice_size: edge of the square that 2D models see (pixels).
         epochs: maximum training epochs.
         batch_size: volumes per step for 3D models (2D models use 4x this).
+        patch_size: edge of the random patches that 3D models predicting per voxel
+            (the U-Net, the lesion-map classifier) train on, instead of whole volumes
+            (None: whole volumes). Cheaper steps, so a time-capped run sees far more
+            examples; measured on the workshop cohort: RESULTS.md.
         max_train_seconds: wall-clock cap for one training run (None: no cap).
         bootstrap: resamples for bootstrap confidence intervals.
         cv_folds: cross-validation folds for the classical baselines.
@@ -67,6 +71,7 @@ class Profile:
     slice_size: int
     epochs: int
     batch_size: int
+    patch_size: int | None
     max_train_seconds: float | None
     bootstrap: int
     cv_folds: int
@@ -87,6 +92,7 @@ PROFILES: dict[str, Profile] = {
         slice_size=64,
         epochs=2,
         batch_size=4,
+        patch_size=16,
         max_train_seconds=15.0,
         bootstrap=100,
         cv_folds=3,
@@ -101,6 +107,7 @@ PROFILES: dict[str, Profile] = {
         slice_size=96,
         epochs=100,  # the 180 s cap binds first on 2 CPU cores; 30 epochs stopped the 3D CNN while still improving
         batch_size=8,
+        patch_size=32,
         max_train_seconds=180.0,
         bootstrap=1000,
         cv_folds=5,
@@ -115,6 +122,7 @@ PROFILES: dict[str, Profile] = {
         slice_size=192,
         epochs=100,
         batch_size=16,
+        patch_size=64,
         max_train_seconds=None,
         bootstrap=2000,
         cv_folds=5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,8 +14,12 @@ from helpers.io import DataError
 from helpers.models import build_model
 
 
-def blobs(n: int, size: int = 12, dims: int = 3, seed: int = 0, segment: bool = False) -> train.TensorData:
-    """Noise images; odd-numbered samples carry a bright 3-voxel cube (the "lesion")."""
+def blobs(n: int, size: int = 12, dims: int = 3, seed: int = 0, segment: bool = False,
+          masks: bool = False) -> train.TensorData:
+    """Noise images; odd-numbered samples carry a bright 3-voxel cube (the "lesion").
+
+    ``masks``: classification data that also carries the lesion masks.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, 1) + (size,) * dims, generator=g)
     mask = torch.zeros((n,) + (size,) * dims, dtype=torch.long)
@@ -24,7 +29,7 @@ def blobs(n: int, size: int = 12, dims: int = 3, seed: int = 0, segment: bool = 
         mask[(i, *region)] = 1
     x[:, 0][mask.bool()] += 3.0
     y = mask if segment else torch.arange(n) % 2
-    return train.TensorData(x, y, [f"case{i}" for i in range(n)])
+    return train.TensorData(x, y, [f"case{i}" for i in range(n)], mask.to(torch.uint8) if masks else None)
 
 
 def small_cnn(seed: int = 0, **kw) -> torch.nn.Module:
@@ -94,6 +99,30 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))
     assert f(12) == pytest.approx(0.5)  # half-way through the decay
     assert values[-1] < 0.02
+
+
+def test_under_a_time_cap_the_cosine_follows_the_clock():
+    # 100 planned epochs but a 180 s cap: half the time gone means half-way down the cosine
+    assert train.lr_factor(50, 10, 10_000, seconds=90, max_seconds=180) == pytest.approx(0.5)
+    assert train.lr_factor(50, 10, 10_000, seconds=180, max_seconds=180) == pytest.approx(0.0)
+    # whichever runs out first: the steps, when they are nearly done before the clock
+    assert train.lr_factor(9_999, 10, 10_000, seconds=1, max_seconds=180) < 1e-6
+    # warm-up is by steps, whatever the clock says
+    assert train.lr_factor(4, 10, 10_000, seconds=170, max_seconds=180) == pytest.approx(0.5)
+    assert train.lr_factor(50, 10, 10_000) == train.lr_factor(50, 10, 10_000, seconds=90)
+
+
+def test_a_time_capped_run_ends_with_the_learning_rate_near_zero(monkeypatch):
+    clock = iter(range(10**6))  # a fake clock: every reading is 0.1 s after the last, whatever the load
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock) * 0.1)
+    data = blobs(32, seed=1)
+    result = train.fit(small_cnn(), data, data, config(epochs=100_000, batch_size=4, max_train_seconds=20.0),
+                       progress=False, live_plot=False)
+    assert result.stopped == "time_limit"
+    assert len(result.history) > 3
+    assert result.history[0]["lr"] > 0.5 * 3e-3  # after the warm-up epoch: at the peak
+    assert [h["lr"] for h in result.history] == sorted(h["lr"] for h in result.history)[::-1]
+    assert result.history[-1]["lr"] < 0.05 * 3e-3
 
 
 # ------------------------------------------------------------------ training
@@ -278,6 +307,63 @@ def test_settings_from_a_profile_use_the_measured_learning_rate():
 
     p = get_profile("workshop")
     seg = train.TrainConfig.from_profile(p, task="segment", dims=3)
-    assert seg.lr == 3e-3 and seg.batch_size == max(2, p.batch_size // 2)
+    assert seg.lr == 3e-3 and seg.patch_size == p.patch_size and seg.batch_size == p.batch_size
+    whole = train.TrainConfig.from_profile(p, task="segment", dims=3, patch_size=0)
+    assert whole.patch_size is None and whole.batch_size == max(2, p.batch_size // 2)
+    finder = train.TrainConfig.from_profile(p, task="classify", dims=3, model="unet_classifier")
+    assert finder.patch_size == p.patch_size
+    assert train.TrainConfig.from_profile(p, task="classify", dims=3, model="cnn").patch_size is None
+    assert train.TrainConfig.from_profile(p, task="segment", dims=2).patch_size is None
     assert train.TrainConfig.from_profile(p, task="segment", dims=3, lr=1e-4).lr == 1e-4
     assert train.TrainConfig.from_profile(p, task="classify", dims=3).lr == 3e-3
+
+
+def test_the_lesion_map_classifier_learns_from_labels_and_masks(tmp_path):
+    data, val = blobs(48, size=16, seed=1, masks=True), blobs(32, size=16, seed=2, masks=True)
+    torch.manual_seed(0)
+    model = build_model("unet_classifier", 1, 2, dims=3, depth=2, width=8)
+    result = train.fit(model, data, val, config(epochs=8, batch_size=8), tmp_path / "run",
+                       test=blobs(32, size=16, seed=3), progress=False, live_plot=False)
+    assert result.metrics["test"]["auc"] > 0.95  # the test split needs no masks: it is a classifier
+    # its lesion map points at the blobs: the hottest voxel is on the blob or touching it
+    test = blobs(32, size=16, seed=3, masks=True)
+    heat = result.model.lesion_map(test.x[1::2]).detach()
+    peaks = heat.flatten(1).argmax(1)
+    near = torch.nn.functional.max_pool3d(test.masks[1::2, None].float(), 3, stride=1, padding=1)
+    assert near.flatten(1).gather(1, peaks[:, None]).mean() > 0.9
+    reloaded, _ = train.load_run(tmp_path / "run")
+    assert torch.allclose(train.predict(reloaded, test.x), train.predict(result.model, test.x), atol=1e-5)
+
+
+def test_the_lesion_map_classifier_refuses_data_without_masks():
+    model = build_model("unet_classifier", 1, 2, dims=3, depth=2, width=4)
+    with pytest.raises(ValueError, match="lesion masks"):
+        train.fit(model, blobs(8), blobs(8), config(epochs=1), progress=False, live_plot=False)
+
+
+def test_masks_must_fit_the_images():
+    data = blobs(4, masks=True)
+    with pytest.raises(ValueError, match="masks of shape"):
+        train.TensorData(data.x, data.y, masks=data.masks[:, :5])
+    assert data.subset([1, 3]).masks.shape[0] == 2
+
+
+def test_patch_training_trains_a_unet_that_then_segments_whole_volumes():
+    data, val = blobs(32, size=16, seed=1, segment=True), blobs(16, size=16, seed=2, segment=True)
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 2, dims=3, depth=2, width=8)
+    result = train.fit(model, data, val, config(task="segment", epochs=12, batch_size=8, lr=1e-2, patch_size=8),
+                       progress=False, live_plot=False)
+    assert result.metrics["validation"]["dice"] > 0.5  # scored on whole 16^3 volumes
+    with pytest.raises(ValueError, match="label per voxel"):
+        train.fit(small_cnn(), blobs(8), blobs(8), config(epochs=1, patch_size=8), progress=False, live_plot=False)
+
+
+def test_the_best_epoch_breaks_ties_on_the_validation_loss():
+    best = {"score": 1.0, "loss": 0.30}
+    assert not train._improved(1.0, 0.40, best, "auc")  # same AUC, worse loss
+    assert train._improved(1.0, 0.20, best, "auc")  # same AUC, better loss: keep this one
+    assert train._improved(0.99, 0.90, {"score": 0.98, "loss": 0.1}, "auc")  # the score comes first
+    assert not train._improved(0.97, 0.01, {"score": 0.98, "loss": 0.1}, "auc")
+    assert train._improved(0.2, math.nan, {"score": 0.3, "loss": math.nan}, "loss")  # loss monitored: lower wins
+    assert not train._improved(math.nan, 0.1, best, "auc")
