@@ -11,6 +11,8 @@ Two ways to draw a heat map over a scan, showing which regions drove a decision:
   at a time with a plain value and measure how much the class probability drops.
   Slow (one forward pass per patch position) but asks the model directly, with no
   gradients, so it works for any model.
+- A model that draws a lesion map (the ``unet_classifier``) explains itself:
+  :func:`lesion_map` returns that map.
 
 A heat map is not proof of anything. :func:`heat_in_mask` measures how much of
 the heat falls inside the true lesion, and :func:`sanity_check` compares that
@@ -21,7 +23,7 @@ image, not the model's reasoning.
 
 Command line (a heat map for one subject of a trained 3D run, as NIfTI and PNG)::
 
-    python -m helpers.explain --run runs/NAME --subject sub-003 [--method occlusion] [--out DIR]
+    python -m helpers.explain --run runs/NAME --subject sub-003 [--method occlusion|lesion_map] [--out DIR]
 
 Example:
     >>> import torch
@@ -186,6 +188,35 @@ def _normalize(heat: np.ndarray) -> np.ndarray:
     return heat / peak.reshape((-1,) + (1,) * (heat.ndim - 1))
 
 
+# --------------------------------------------------------------------------- lesion map
+
+
+def lesion_map(model: nn.Module, x: torch.Tensor | np.ndarray, class_index: int | None = None,
+               normalize: bool = False) -> np.ndarray:
+    """The lesion probability per voxel of a model that draws one (the ``unet_classifier``).
+
+    Such a model explains itself: its "lesion" answer is the probability of its
+    most suspicious voxel, so its own map is the explanation, at full resolution,
+    with no gradients or occlusion needed. ``class_index`` is accepted for the
+    same call as the other methods (the map is always the lesion class).
+
+    Raises:
+        ValueError: if the model has no ``lesion_map`` (use Grad-CAM or occlusion).
+    """
+    if not hasattr(model, "lesion_map"):
+        raise ValueError(f"{type(model).__name__} draws no lesion map; use grad_cam or occlusion")
+    batch = _as_batch(x, getattr(model, "dims", None))
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            heat = model.lesion_map(batch.to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return _normalize(heat) if normalize else heat
+
+
 # --------------------------------------------------------------------------- occlusion
 
 
@@ -316,7 +347,7 @@ def sanity_check(model: nn.Module, images: torch.Tensor | np.ndarray,
         model: the trained classifier.
         images: ``[B, C, *spatial]`` cases that hold a lesion.
         masks: the true lesion masks, ``(B, *spatial)``.
-        method: ``"grad_cam"`` or ``"occlusion"``.
+        method: ``"grad_cam"``, ``"occlusion"`` or ``"lesion_map"`` (models that draw one).
         class_index: the class to explain (default 1, "lesion").
         seed: seed for the random weights.
         **method_kwargs: passed to the method (``layer``, ``patch``...).
@@ -327,9 +358,9 @@ def sanity_check(model: nn.Module, images: torch.Tensor | np.ndarray,
         ``rank_correlation``: the mean Spearman correlation between each case's
         trained and random maps (near 1 means the map barely depends on the weights).
     """
-    explain = {"grad_cam": grad_cam, "occlusion": occlusion}.get(method)
+    explain = {"grad_cam": grad_cam, "occlusion": occlusion, "lesion_map": lesion_map}.get(method)
     if explain is None:
-        raise ValueError(f"method must be 'grad_cam' or 'occlusion', not {method!r}")
+        raise ValueError(f"method must be 'grad_cam', 'occlusion' or 'lesion_map', not {method!r}")
     masks = np.asarray(masks, dtype=bool)
     random_model = randomized_copy(model, seed)
     heat_t = explain(model, images, class_index=class_index, **method_kwargs)
@@ -354,14 +385,15 @@ def sanity_check(model: nn.Module, images: torch.Tensor | np.ndarray,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m helpers.explain --run runs/NAME --subject SUB [--method grad_cam|occlusion] [--out DIR]``."""
+    """``python -m helpers.explain --run runs/NAME --subject SUB [--method grad_cam|occlusion|lesion_map] [--out DIR]``."""
     parser = argparse.ArgumentParser(
         prog="python -m helpers.explain",
         description="Explain a trained 3D classifier's decision for one subject: writes the heat map and "
                     "the preprocessed scan as NIfTI (same grid) and a three-plane PNG.")
     parser.add_argument("--run", required=True, help="the run folder written by helpers.train")
     parser.add_argument("--subject", required=True, help="a subject of the run's dataset, e.g. sub-003")
-    parser.add_argument("--method", default="grad_cam", choices=("grad_cam", "occlusion"))
+    parser.add_argument("--method", default="grad_cam", choices=("grad_cam", "occlusion", "lesion_map"),
+                        help="lesion_map: the model's own map (unet_classifier runs only)")
     parser.add_argument("--class-index", type=int, default=None,
                         help="class to explain (default: the predicted class)")
     parser.add_argument("--patch", type=int, default=None, help="occlusion cube edge (default: volume edge / 4)")
@@ -387,6 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = torch.from_numpy(case["image"])[None]
     if args.method == "grad_cam":
         heat = grad_cam(data.model, x, class_index=args.class_index, normalize=True)[0]
+    elif args.method == "lesion_map":
+        try:
+            heat = lesion_map(data.model, x)[0]
+        except ValueError as exc:
+            print(f"Problem: {args.run}: {exc}", file=sys.stderr)
+            return 1
     else:
         patch = args.patch or max(4, x.shape[-1] // 4)
         heat = occlusion(data.model, x, class_index=args.class_index, patch=patch, stride=max(1, patch // 2))[0]
