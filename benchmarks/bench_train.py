@@ -2,6 +2,8 @@
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/bench_train.py --speed
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/bench_train.py --targets
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/bench_train.py --targets \
+        --only unet_classifier segment --seeds 42 1 2 --train-args "--modalities FLAIR"
 
 ``--speed``: steps per second (and samples per second) of one training step
 (forward, loss, backward, AdamW) for each model at the profile's sizes, with the
@@ -10,9 +12,13 @@ bf16). On a CUDA GPU it also prints volumes per second and the GPU utilisation
 sampled with ``nvidia-smi`` while the steps run.
 
 ``--targets``: trains, exactly as ``python -m helpers.train`` does, (1) the 3D
-CNN for healthy versus lesion, capped at 180 s of training, and reports test
-ROC-AUC (goal >= 0.95); (2) the 3D U-Net for lesions, capped at 300 s, and reports
-test lesion Dice (goal >= 0.7). Run folders go to ``benchmarks/out/runs/``.
+CNN for healthy versus lesion from one label per scan and (2) the 3D lesion-map
+classifier (``unet_classifier``, trained on the lesion masks), each capped at
+180 s of training, and reports test ROC-AUC (goal >= 0.95); (3) the 3D U-Net for
+lesions, capped at 300 s, and reports test lesion Dice (goal >= 0.7). ``--only``
+picks targets, ``--seeds`` repeats each with other training seeds (same split),
+``--train-args`` passes options such as ``--modalities FLAIR``. Run folders go to
+``benchmarks/out/runs/``.
 
 The machine's load average is printed with every number: on a shared machine,
 timings are only comparable at similar load.
@@ -133,31 +139,48 @@ def speed(profile: str, steps: int) -> None:
               f"{batch / sec:.1f} | {util} | {load()} |", flush=True)
 
 
-def targets(profile: str, only: str | None = None, extra: list[str] | None = None) -> None:
+TARGETS = {  # key: (title, task, cap in s, metric, goal, run name, extra train options)
+    "cnn": ("3D CNN, healthy vs lesion (one label per scan)", "classify", 180.0, "auc", 0.95,
+            "classify_binary_cnn_3d", ["--model", "cnn"]),
+    "unet_classifier": ("3D lesion-map classifier, healthy vs lesion (trained on lesion masks)", "classify", 180.0,
+                        "auc", 0.95, "classify_binary_unet_classifier_3d", ["--model", "unet_classifier"]),
+    "segment": ("3D U-Net, lesion segmentation", "segment", 300.0, "dice", 0.70, "segment_unet_3d", []),
+}
+
+
+def targets(profile: str, only: list[str] | None = None, extra: list[str] | None = None,
+            seeds: list[int] | None = None) -> None:
+    import json
+
     from helpers import simulate
     from helpers.train import main
 
     P = runtime.get_profile(profile)
     root = simulate.ensure_cohort(P)
     runs = OUT / "runs" / P.name
-    jobs = [("3D CNN, healthy vs lesion", "classify", 180.0, "auc", 0.95, "classify_binary_cnn_3d"),
-            ("3D U-Net, lesion", "segment", 300.0, "dice", 0.70, "segment_unet_3d")]
-    import json
-
-    for title, task, cap, metric, goal, name in jobs:
-        if only and task != only:
+    for key, (title, task, cap, metric, goal, name, options) in TARGETS.items():
+        if only and key not in only:
             continue
-        print(f"\n== {title}: training capped at {cap:.0f} s ({load()})", flush=True)
-        start = time.perf_counter()
-        code = main(["--data", str(root), "--task", task, "--profile", P.name, "--max-seconds", str(cap),
-                     "--out", str(runs / name), "--no-resume", *(extra or [])])
-        wall = time.perf_counter() - start
-        m = json.loads((runs / name / "metrics.json").read_text())
-        value = m["test"][metric]
-        print(f"RESULT {title}: test {metric} {value:.3f} (goal >= {goal}: {'met' if value >= goal else 'NOT met'}); "
-              f"training {m['train_seconds']:.0f} s, {m['epochs_run']} epochs, best epoch {m['best_epoch']}, "
-              f"stopped by {m['stopped']}; validation {metric} {m['validation'][metric]:.3f}; "
-              f"wall {wall:.0f} s incl. data; exit {code}; {load()}", flush=True)
+        values = []
+        for seed in seeds or [P.seed]:
+            print(f"\n== {title}, seed {seed}: training capped at {cap:.0f} s ({load()})", flush=True)
+            start = time.perf_counter()
+            out = runs / (name if seed == P.seed else f"{name}_seed{seed}")
+            code = main(["--data", str(root), "--task", task, "--profile", P.name, "--max-seconds", str(cap),
+                         "--out", str(out), "--no-resume", "--seed", str(seed), *options, *(extra or [])])
+            wall = time.perf_counter() - start
+            m = json.loads((out / "metrics.json").read_text())
+            value = m["test"][metric]
+            values.append(value)
+            print(f"RESULT {title}, seed {seed}: test {metric} {value:.3f} (goal >= {goal}: "
+                  f"{'met' if value >= goal else 'NOT met'}); training {m['train_seconds']:.0f} s, "
+                  f"{m['epochs_run']} epochs, best epoch {m['best_epoch']}, stopped by {m['stopped']}; "
+                  f"validation {metric} {m['validation'][metric]:.3f}; wall {wall:.0f} s incl. data; exit {code}; "
+                  f"{load()}", flush=True)
+        if len(values) > 1:
+            print(f"SUMMARY {title}: test {metric} over seeds {seeds}: "
+                  f"mean {statistics.mean(values):.3f}, min {min(values):.3f}, max {max(values):.3f}; "
+                  f"goal >= {goal} met in {sum(v >= goal for v in values)} of {len(values)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", action="store_true", help="steps per second per model")
     parser.add_argument("--targets", action="store_true", help="the issue's accuracy targets")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--only", choices=("classify", "segment"), default=None, help="one target only")
-    parser.add_argument("--train-args", default="", help="extra helpers.train options, e.g. '--augment flip --lr 3e-3'")
+    parser.add_argument("--only", nargs="+", choices=tuple(TARGETS), default=None,
+                        help="these targets only (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="training seeds to repeat each target with (the split stays the same); default: the profile's")
+    parser.add_argument("--train-args", default="", help="extra helpers.train options, e.g. '--modalities FLAIR'")
     args = parser.parse_args(argv)
     if not (args.speed or args.targets):
         args.speed = True
     if args.speed:
         speed(args.profile, args.steps)
     if args.targets:
-        targets(args.profile, args.only, args.train_args.split())
+        targets(args.profile, args.only, args.train_args.split(), args.seeds)
     return 0
 
 
