@@ -10,8 +10,8 @@ nowhere else:
 
 - ``smoke``: the CI profile, each notebook in at most about 60 s on 2 CPU cores;
   the numbers it produces mean nothing, it only proves the code runs.
-- ``workshop``: a laptop CPU, each notebook in at most about 5 minutes, with
-  results that mean something.
+- ``workshop``: a laptop CPU, each notebook in about 5 minutes (notebook 05, which
+  trains six networks, about 16), with results that mean something.
 - ``full``: one GPU, the best results the series can show.
 
 ``profile="auto"`` picks ``full`` when a CUDA GPU is present, else ``workshop``.
@@ -112,7 +112,7 @@ PROFILES: dict[str, Profile] = {
         bootstrap=1000,
         cv_folds=5,
         seed=42,
-        description="A laptop CPU: each notebook in about 5 minutes, with results that mean something.",
+        description="A laptop CPU: each notebook in about 5 minutes (05: about 16), with results that mean something.",
     ),
     "full": Profile(
         name="full",

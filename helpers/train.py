@@ -8,7 +8,12 @@ What :func:`fit` does, in the order a training run needs it:
 - **Data on the device.** The preprocessed cohort is a :class:`TensorData` (one big
   tensor of images, one of labels). It is moved to the device *once*; every batch
   is then sliced and augmented there. On a GPU this keeps the GPU busy instead of
-  waiting for CPU data loaders; on a CPU the same code runs on CPU tensors.
+  waiting for CPU data loaders; on a CPU the same code runs on CPU tensors. Models
+  that predict per voxel can train on random patches (``TrainConfig.patch_size``),
+  half of them centred on a lesion.
+- **Lesion masks for a classifier.** A model with ``needs_masks`` (the
+  ``unet_classifier``) is trained on the lesion masks that classification data
+  carries (``TensorData.masks``) and scored on the labels.
 - **Optimiser.** AdamW, with a learning rate that rises linearly for a warm-up and
   then follows a cosine curve down to zero, by the end of the planned epochs or of
   the time budget, whichever comes first. Class weights (rarer classes count
