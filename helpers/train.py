@@ -637,8 +637,7 @@ def lr_schedule(warmup_steps: int, total_steps: int) -> list[float]:
         >>> [round(f, 2) for f in lr_schedule(2, 6)]
         [0.5, 1.0, 1.0, 0.85, 0.5, 0.15]
     """
-    factor = _lr_lambda(warmup_steps, total_steps)
-    return [factor(s) for s in range(total_steps)]
+    return [lr_factor(s, warmup_steps, total_steps) for s in range(total_steps)]
 
 
 def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = "classify",
@@ -672,13 +671,6 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: 
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps, total_steps)
-
-    return factor
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, seconds: float = 0.0,
@@ -876,30 +868,19 @@ def fit(model: nn.Module, train: TensorData, val: TensorData, config: TrainConfi
             set_lr(epoch * steps_per_epoch + step, clock)
             index = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
             xb, yb = train.x[index], train.y[index]
-            if config.patch_size is not None:  # cut patches before augmenting: cheaper
-                if map_loss is not None:
-                    xb, mb = random_patches(xb, train.masks[index].long(), config.patch_size)
-                else:
-                    xb, yb = random_patches(xb, yb, config.patch_size)
-            elif map_loss is not None:
-                mb = train.masks[index].long()
             if map_loss is not None:
-                if augment is not None:  # the mask moves with the image; the scan's label stays
-                    xb, mb = augment(xb, mb)
-                xb = xb.contiguous(memory_format=fmt)
-                with speed.autocast():
-                    _, voxel_logits = net(xb, return_map=True)
                 # the masks alone: a scan's label is "its mask is not empty", so it adds nothing,
                 # and a loss on the max readout as well fought the mask loss (measured: validation
                 # ROC-AUC 0.77 with both terms, RESULTS.md)
-                loss = map_loss(voxel_logits, mb)
-            else:
-                if augment is not None:
-                    xb, yb = augment(xb, yb)
-                xb = xb.contiguous(memory_format=fmt)
-                with speed.autocast():
-                    logits = net(xb)
-                loss = loss_fn(logits, yb)
+                yb = train.masks[index].long()
+            if config.patch_size is not None:  # cut patches before augmenting: cheaper
+                xb, yb = random_patches(xb, yb, config.patch_size)
+            if augment is not None:  # a mask moves with the image; a class label stays
+                xb, yb = augment(xb, yb)
+            xb = xb.contiguous(memory_format=fmt)
+            with speed.autocast():
+                out = net(xb, return_map=True)[1] if map_loss is not None else net(xb)
+            loss = (loss_fn if map_loss is None else map_loss)(out, yb)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -223,7 +223,7 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     else:
         classes, index = ["background", "lesion"], {}
     splits: dict[str, TensorData] = {}
-    masks_complete = True  # classification: every split has lesion masks for its lesion cases
+    keep_masks = task == "classify" and _masks_cover_lesions(table, index, healthy_index)
     subjects: dict[str, list[str]] = {}
     brains: dict[str, torch.Tensor] = {}
     for split in ("train", "val", "test"):
@@ -235,7 +235,7 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
         lesion_masks = None
         if input == "slices":
             x, y, ids, sub, lesion_masks = _slices(images, masks, brain, rows, task, index, healthy_index,
-                                                   min_lesion_pixels)
+                                                   min_lesion_pixels, keep_masks)
         else:
             x = torch.stack(images)
             if task == "segment":
@@ -243,16 +243,13 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
                                  for m in masks])
             else:
                 y = torch.tensor([index[str(v)] for v in rows["label"]], dtype=torch.long)
-                lesion_masks = _classification_masks(masks, y, healthy_index, x.shape[2:])
+                if keep_masks:
+                    lesion_masks = torch.stack([_lesion_mask(m, x.shape[2:]) for m in masks])
             ids, sub = cases, subs
             if brain[0] is not None:
                 brains[split] = torch.stack(brain)
-        if task == "classify" and lesion_masks is None:
-            masks_complete = False
-        splits[split] = TensorData(x, y, ids, lesion_masks if task == "classify" else None)
+        splits[split] = TensorData(x, y, ids, lesion_masks)
         subjects[split] = sub
-    if task == "classify" and not masks_complete:
-        splits = {k: replace(v, masks=None) for k, v in splits.items()}
     record = {"pipeline": config.to_dict(), "input": input, "modalities": list(table.modalities),
               "labels": labels if task == "classify" else "lesion", "n_slices": n_slices if input == "slices" else None,
               "slice_axis": 2 if input == "slices" else None, "min_lesion_pixels": min_lesion_pixels,
@@ -260,7 +257,7 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     info = {"source": str(table.source), "kind": table.kind, "profile": profile.name,
             "samples": {k: len(v) for k, v in splits.items()},
             "subjects": {k: len(set(v)) for k, v in subjects.items()}, "dataset_classes": list(table.classes),
-            "lesion_masks": task == "segment" or splits["train"].masks is not None}
+            "lesion_masks": task == "segment" or keep_masks}
     prep = Prepared(splits["train"], splits["val"], splits["test"], classes, task, input, record["dims"],
                     list(table.modalities), record, info, subjects, brains)
     if verbose:
@@ -269,13 +266,13 @@ def prepare(source: str | os.PathLike | CaseTable, task: str = "classify", profi
     return prep
 
 
-def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_pixels):
-    """Axial slices with brain in them; labels from the lesion mask where there is one."""
+def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_pixels, keep_masks=False):
+    """Axial slices with brain in them; labels from the lesion mask where there is one.
+
+    ``keep_masks``: also return each slice's lesion mask (uint8), else None.
+    """
     xs, ys, ids, subs, slice_masks = [], [], [], [], []
-    complete = True
     for image, mask, brain, (_, row) in zip(images, masks, brains, rows.iterrows(), strict=True):
-        if task == "classify" and mask is None and index[str(row["label"])] != healthy_index:
-            complete = False
         z_keep = range(image.shape[-1])
         if brain is not None:
             frac = brain.reshape(-1, brain.shape[-1]).float().mean(0)
@@ -293,30 +290,31 @@ def _slices(images, masks, brains, rows, task, index, healthy_index, min_lesion_
                     ys.append(subject_class if lesion_pixels >= min_lesion_pixels else healthy_index)
             ids.append(f"{row['case']}:z{z}")
             subs.append(str(row["subject"]))
-            slice_masks.append((mask[..., z] > 0).to(torch.uint8) if mask is not None
-                               else torch.zeros(image.shape[1:3], dtype=torch.uint8))
+            if keep_masks:
+                slice_masks.append(_lesion_mask(mask[..., z] if mask is not None else None, image.shape[1:3]))
     x = torch.stack(xs)
     y = torch.stack(ys) if task == "segment" else torch.tensor(ys, dtype=torch.long)
-    lesion_masks = torch.stack(slice_masks) if task == "classify" and complete else None
-    return x, y, ids, subs, lesion_masks
+    return x, y, ids, subs, torch.stack(slice_masks) if keep_masks else None
 
 
-def _classification_masks(masks, y: torch.Tensor, healthy_index: int, shape) -> torch.Tensor | None:
-    """Lesion masks (uint8) for classification cases, or None when a lesion case has none.
+def _masks_cover_lesions(table: CaseTable, index: dict[str, int], healthy_index: int) -> bool:
+    """Whether every lesion case has a mask file (healthy cases may lack one).
 
-    A healthy case without a mask file gets an empty mask (it has no lesion); a
-    lesion case without one makes the masks unusable, since an empty mask would
-    teach "no lesion here" where there is one.
+    Only then are masks kept for classification (for models that learn from them):
+    a lesion case without a mask would get an empty one, teaching "no lesion here"
+    where there is one.
     """
-    out = []
-    for mask, label in zip(masks, y.tolist(), strict=True):
-        if mask is None:
-            if healthy_index < 0 or label != healthy_index:
-                return None
-            out.append(torch.zeros(tuple(shape), dtype=torch.uint8))
-        else:
-            out.append((mask > 0).to(torch.uint8))
-    return torch.stack(out)
+    if healthy_index < 0:
+        return False
+    df = table.df
+    has_mask = df["mask"].astype(str).str.len().gt(0)
+    healthy = df["label"].astype(str).map(index).eq(healthy_index)
+    return bool((has_mask | healthy).all())
+
+
+def _lesion_mask(mask: torch.Tensor | None, shape) -> torch.Tensor:
+    """Any lesion label -> 1, as uint8; an empty mask where there is no mask file (a healthy case)."""
+    return (mask > 0).to(torch.uint8) if mask is not None else torch.zeros(tuple(shape), dtype=torch.uint8)
 
 
 AUGMENT_LEVELS = ("none", "flip", "light", "full")

@@ -93,7 +93,9 @@ def test_dice_and_soft_dice():
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
-    f = train._lr_lambda(warmup_steps=4, total_steps=20)
+    def f(step):
+        return train.lr_factor(step, warmup_steps=4, total_steps=20)
+
     values = [f(s) for s in range(20)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))
